@@ -1,0 +1,260 @@
+//! `config.toml`: this server's own settings (not replicated).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::SiteLabel;
+
+/// The UDP port deskgrid's QUIC peer traffic uses unless configured otherwise.
+pub const DEFAULT_PEER_PORT: u16 = 7443;
+/// The most seed addresses a config may list: seeds are only a first contact.
+pub const MAX_SEEDS: usize = 64;
+
+/// This server's settings, as `config.toml` holds them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerSettings,
+    #[serde(default)]
+    pub libvirt: LibvirtSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    /// Shown in the consoles; defaults to the host name.
+    pub name: String,
+    /// Servers with the same site label are near each other.
+    pub site: SiteLabel,
+    /// Where peers reach this server (UDP, QUIC).
+    pub listen: SocketAddr,
+    /// Addresses of grid members to contact first.
+    pub seeds: Vec<String>,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            name: "deskgrid".to_owned(),
+            site: SiteLabel::default(),
+            listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_PEER_PORT)),
+            seeds: Vec::new(),
+        }
+    }
+}
+
+/// How deskgrid runs VMs: KVM where the host has it, else QEMU's emulator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum DomainType {
+    #[default]
+    Auto,
+    Kvm,
+    Qemu,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LibvirtSettings {
+    /// `qemu:///system` on the host itself; `qemu+tls://HOST/system` from an appliance VM.
+    pub uri: String,
+    /// The storage pool for base images and desktop disks.
+    pub pool: String,
+    pub domain_type: DomainType,
+}
+
+impl Default for LibvirtSettings {
+    fn default() -> Self {
+        Self {
+            uri: "qemu:///system".to_owned(),
+            pool: "deskgrid".to_owned(),
+            domain_type: DomainType::Auto,
+        }
+    }
+}
+
+/// Why `config.toml` could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not valid")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error("{path}: {problem}")]
+    Invalid { path: PathBuf, problem: String },
+}
+
+/// A config file larger than this is not a config file.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let read_error = |source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        };
+        let size = std::fs::metadata(path).map_err(read_error)?.len();
+        if size > MAX_CONFIG_BYTES {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                problem: format!("the file is {size} bytes, the limit is {MAX_CONFIG_BYTES}"),
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(read_error)?;
+        let config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })?;
+        config.validate().map_err(|problem| ConfigError::Invalid {
+            path: path.to_owned(),
+            problem,
+        })?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.server.name.is_empty() || self.server.name.len() > 253 {
+            return Err("server.name must be 1 to 253 characters".to_owned());
+        }
+        if self.server.seeds.len() > MAX_SEEDS {
+            return Err(format!(
+                "server.seeds lists {} addresses, the limit is {MAX_SEEDS}",
+                self.server.seeds.len()
+            ));
+        }
+        if let Some(seed) = self
+            .server
+            .seeds
+            .iter()
+            .find(|seed| !looks_like_host_port(seed))
+        {
+            return Err(format!("server.seeds: {seed:?} is not HOST:PORT"));
+        }
+        if !self.libvirt.uri.contains("://") {
+            return Err(format!(
+                "libvirt.uri {:?} is not a libvirt URI (like qemu:///system)",
+                self.libvirt.uri
+            ));
+        }
+        crate::model::SiteLabel::new(self.libvirt.pool.clone()).map_err(|_| {
+            format!(
+                "libvirt.pool {:?} is not a valid pool name",
+                self.libvirt.pool
+            )
+        })?;
+        Ok(())
+    }
+
+    /// The file `deskgrid init` writes: every setting with its meaning and default.
+    pub fn to_commented_toml(&self) -> String {
+        let seeds = self
+            .server
+            .seeds
+            .iter()
+            .map(|seed| format!("{seed:?}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            r#"# deskgrid: settings of this server (this file is not shared with the grid).
+# Grid-wide settings (templates, users, policy) live in the replicated state:
+# change them with the `deskgrid` CLI, the REST API or the web console.
+# Restart `deskgrid serve` after editing this file.
+
+[server]
+# Name shown in the consoles and in `deskgrid status`. Default: the host name.
+name = {name:?}
+# Site label. Servers with the same label are near each other: image copies
+# between them are cheaper. Default: "default".
+site = {site:?}
+# Address and UDP port where other servers reach this one (QUIC).
+# Default: "0.0.0.0:{DEFAULT_PEER_PORT}".
+listen = "{listen}"
+# Grid members to contact first when joining or after a restart ("HOST:PORT").
+# Servers on the same network also find each other by mDNS. Default: [].
+seeds = [{seeds}]
+
+[libvirt]
+# How to reach this host's hypervisor: "qemu:///system" when deskgrid runs on
+# the host, "qemu+tls://HOST/system" when it runs as a VM on it.
+# Default: "qemu:///system".
+uri = {uri:?}
+# Storage pool for base images and desktop disks (created when missing).
+# Default: "deskgrid".
+pool = {pool:?}
+# "kvm", "qemu" (software emulation, slow) or "auto" (kvm when the host
+# offers it). Default: "auto".
+domain_type = "{domain_type}"
+"#,
+            name = self.server.name,
+            site = self.server.site.to_string(),
+            listen = self.server.listen,
+            uri = self.libvirt.uri,
+            pool = self.libvirt.pool,
+            domain_type = match self.libvirt.domain_type {
+                DomainType::Auto => "auto",
+                DomainType::Kvm => "kvm",
+                DomainType::Qemu => "qemu",
+            },
+        )
+    }
+}
+
+fn looks_like_host_port(value: &str) -> bool {
+    match value.rsplit_once(':') {
+        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|port| port != 0),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_commented_file_parses_back_to_the_same_settings() {
+        let mut config = Config {
+            server: ServerSettings::default(),
+            libvirt: LibvirtSettings::default(),
+        };
+        config.server.seeds = vec!["10.0.0.5:7443".into(), "grid-a.example:7443".into()];
+        config.server.site = SiteLabel::new("paris").unwrap();
+        config.libvirt.domain_type = DomainType::Qemu;
+        let text = config.to_commented_toml();
+        let parsed: Config = toml::from_str(&text).unwrap();
+        assert_eq!(parsed, config);
+        assert!(text.contains("# Default: \"qemu:///system\"."));
+    }
+
+    #[test]
+    fn an_empty_file_means_all_defaults() {
+        let parsed: Config = toml::from_str("").unwrap();
+        assert_eq!(parsed.libvirt.uri, "qemu:///system");
+        assert_eq!(parsed.server.listen.port(), DEFAULT_PEER_PORT);
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "[server]\nlisen = \"1.2.3.4:1\"\n").unwrap();
+        let error = Config::load(&path).unwrap_err();
+        let message = format!("{error}: {}", std::error::Error::source(&error).unwrap());
+        assert!(message.contains("config.toml is not valid"), "{message}");
+        assert!(message.contains("lisen"), "{message}");
+
+        std::fs::write(&path, "[server]\nseeds = [\"nohost\"]\n").unwrap();
+        let error = Config::load(&path).unwrap_err().to_string();
+        assert!(error.contains("\"nohost\" is not HOST:PORT"), "{error}");
+    }
+}

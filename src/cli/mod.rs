@@ -1,0 +1,220 @@
+//! The `deskgrid` command line: one consistent style for every command.
+//!
+//! Every command takes `--data-dir` (default `/var/lib/deskgrid`, or
+//! `DESKGRID_DATA_DIR`) and `--output text|json`. While `deskgrid serve` runs,
+//! commands reach it through the control socket; only `init` and `state check`
+//! work on the files directly.
+
+mod output;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use crate::api::control_socket::{self, ControlCommand, ControlReply};
+use crate::appliance::config::{
+    Config, DomainType, LibvirtSettings, ServerSettings, DEFAULT_PEER_PORT,
+};
+use crate::appliance::data_dir::{DataDir, DEFAULT_DATA_DIR};
+use crate::model::SiteLabel;
+use crate::service::GridService;
+use output::{Output, OutputFormat};
+
+/// deskgrid: a shared-nothing desktop-virtualization grid.
+///
+/// One deskgrid server runs on every hypervisor host. The servers share one
+/// grid state peer to peer and place base images and desktop VMs among
+/// themselves: no SAN, no database server, no management cluster.
+#[derive(Debug, Parser)]
+#[command(
+    name = "deskgrid",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
+pub struct Cli {
+    /// This server's data directory (config.toml, keys, grid state).
+    #[arg(long, global = true, env = "DESKGRID_DATA_DIR", default_value = DEFAULT_DATA_DIR, value_name = "DIR")]
+    pub data_dir: PathBuf,
+
+    /// How to print results: for people, or JSON for scripts.
+    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Set up this server: create the data directory, a server id and a
+    /// commented config.toml. Run once per server, before `serve`.
+    Init(InitArgs),
+
+    /// Run this server until SIGTERM or Ctrl-C. Logs go to stderr (RUST_LOG
+    /// sets the level, default info).
+    Serve,
+
+    /// Show the running server's view of the grid.
+    Status,
+
+    /// Inspect or maintain the grid state files.
+    #[command(subcommand)]
+    State(StateCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StateCommand {
+    /// Verify the snapshot and log without starting a server: every record's
+    /// checksum and content. Reports damage with the file and byte offset, and
+    /// a torn last record (left by a crash) that the next start will cut off.
+    /// Exits non-zero when the state cannot be recovered.
+    Check,
+
+    /// Fold the log into a new snapshot now (the running server does this by
+    /// itself when the log grows).
+    Compact,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct InitArgs {
+    /// Name shown in the consoles [default: this machine's host name].
+    #[arg(long)]
+    pub name: Option<String>,
+
+    /// Address and UDP port other servers reach this one on (QUIC).
+    #[arg(long, value_name = "ADDR", default_value_t = SocketAddr::from(([0, 0, 0, 0], DEFAULT_PEER_PORT)))]
+    pub listen: SocketAddr,
+
+    /// libvirt URI of this host: qemu:///system on the host itself,
+    /// qemu+tls://HOST/system from an appliance VM.
+    #[arg(long, value_name = "URI", default_value = "qemu:///system")]
+    pub libvirt: String,
+
+    /// libvirt storage pool for base images and desktop disks.
+    #[arg(long, value_name = "NAME", default_value = "deskgrid")]
+    pub pool: String,
+
+    /// Site label: servers with the same label are near each other.
+    #[arg(long, value_name = "LABEL", default_value = "default")]
+    pub site: SiteLabel,
+
+    /// A grid member to contact first (HOST:PORT); repeat for several.
+    #[arg(long = "seed", value_name = "ADDR")]
+    pub seeds: Vec<String>,
+
+    /// kvm, qemu (software emulation) or auto (kvm when the host offers it).
+    #[arg(long, value_enum, default_value_t = DomainType::Auto)]
+    pub domain_type: DomainType,
+}
+
+/// Runs the command line; what `main` of the `deskgrid` binary calls.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(matches!(cli.command, Command::Serve));
+    let output = Output::new(cli.output);
+    match run(cli, &output) {
+        Ok(code) => code,
+        Err(error) => {
+            output.error(&error);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(serving: bool) {
+    let default_level = if serving { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn run(cli: Cli, output: &Output) -> anyhow::Result<ExitCode> {
+    let data_dir = DataDir::new(cli.data_dir.clone());
+    match cli.command {
+        Command::Init(args) => init(&data_dir, args, output),
+        Command::Serve => {
+            let runtime =
+                tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            runtime.block_on(crate::appliance::serve(data_dir))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status => {
+            data_dir.require_initialised()?;
+            match control_socket::call(
+                &data_dir.control_socket(),
+                data_dir.root(),
+                ControlCommand::Status,
+            )? {
+                ControlReply::Status(status) => output.status(&status),
+                other => anyhow::bail!("unexpected answer from the server: {other:?}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::State(StateCommand::Check) => {
+            data_dir.require_initialised()?;
+            let running = data_dir.is_locked();
+            let report = crate::state::store::check(&data_dir.state_dir()).with_context(|| {
+                format!(
+                    "the grid state in {} cannot be recovered",
+                    data_dir.state_dir().display()
+                )
+            })?;
+            output.state_check(&data_dir.state_dir(), &report, running);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::State(StateCommand::Compact) => {
+            data_dir.require_initialised()?;
+            match control_socket::call(
+                &data_dir.control_socket(),
+                data_dir.root(),
+                ControlCommand::CompactState,
+            )? {
+                ControlReply::Compacted(summary) => output.compacted(&summary),
+                other => anyhow::bail!("unexpected answer from the server: {other:?}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn init(data_dir: &DataDir, args: InitArgs, output: &Output) -> anyhow::Result<ExitCode> {
+    let name = match args.name {
+        Some(name) => name,
+        None => nix::unistd::gethostname()
+            .ok()
+            .and_then(|name| name.into_string().ok())
+            .unwrap_or_else(|| "deskgrid".to_owned()),
+    };
+    let config = Config {
+        server: ServerSettings {
+            name,
+            site: args.site,
+            listen: args.listen,
+            seeds: args.seeds,
+        },
+        libvirt: LibvirtSettings {
+            uri: args.libvirt,
+            pool: args.pool,
+            domain_type: args.domain_type,
+        },
+    };
+    config
+        .validate()
+        .map_err(|problem| anyhow::anyhow!("invalid setting: {problem}"))?;
+    let server_id = data_dir.create(&config.to_commented_toml())?;
+    let (mut service, _) = GridService::open(server_id, &data_dir.state_dir())
+        .context("cannot create the grid state")?;
+    service
+        .publish_own_record(&config)
+        .context("cannot record this server in the grid state")?;
+    output.initialised(data_dir, server_id);
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,150 @@
+//! Printing results: text for people, JSON for scripts, one function per result.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::appliance::data_dir::DataDir;
+use crate::model::ServerId;
+use crate::service::{StateSummary, StatusReport};
+use crate::state::RecoveryReport;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug)]
+pub struct Output {
+    format: OutputFormat,
+}
+
+impl Output {
+    pub fn new(format: OutputFormat) -> Self {
+        Self { format }
+    }
+
+    fn json<T: Serialize>(&self, value: &T) {
+        match serde_json::to_string_pretty(value) {
+            Ok(text) => println!("{text}"),
+            Err(error) => eprintln!("error: cannot encode the result as JSON: {error}"),
+        }
+    }
+
+    pub fn error(&self, error: &anyhow::Error) {
+        let message = crate::error_chain(error.as_ref());
+        match self.format {
+            OutputFormat::Text => eprintln!("error: {message}"),
+            OutputFormat::Json => {
+                self.json(&serde_json::json!({ "error": message }));
+            }
+        }
+    }
+
+    pub fn initialised(&self, data_dir: &DataDir, server_id: ServerId) {
+        match self.format {
+            OutputFormat::Text => {
+                println!(
+                    "initialised {} (server id {server_id})",
+                    data_dir.root().display()
+                );
+                println!(
+                    "settings: {} (commented; edit, then restart)",
+                    data_dir.config_file().display()
+                );
+                println!(
+                    "next: deskgrid serve --data-dir {}",
+                    data_dir.root().display()
+                );
+            }
+            OutputFormat::Json => self.json(&serde_json::json!({
+                "data_dir": data_dir.root(),
+                "server_id": server_id,
+                "config_file": data_dir.config_file(),
+            })),
+        }
+    }
+
+    pub fn status(&self, status: &StatusReport) {
+        match self.format {
+            OutputFormat::Text => {
+                println!("server   {} ({})", status.name, status.server_id);
+                println!("site     {}", status.site);
+                println!("version  {}", status.software_version);
+                println!("uptime   {}s", status.uptime_ms / 1000);
+                print_summary(&status.state);
+            }
+            OutputFormat::Json => self.json(status),
+        }
+    }
+
+    pub fn compacted(&self, summary: &StateSummary) {
+        match self.format {
+            OutputFormat::Text => {
+                println!(
+                    "state compacted into snapshot generation {}",
+                    summary.generation
+                );
+                print_summary(summary);
+            }
+            OutputFormat::Json => self.json(summary),
+        }
+    }
+
+    pub fn state_check(&self, state_dir: &Path, report: &RecoveryReport, server_running: bool) {
+        match self.format {
+            OutputFormat::Text => {
+                println!("state in {}: recoverable", state_dir.display());
+                match report.snapshot_bytes {
+                    Some(bytes) => println!(
+                        "  snapshot   generation {}, {bytes} bytes",
+                        report.generation
+                    ),
+                    None => println!("  snapshot   none yet (generation 0)"),
+                }
+                println!(
+                    "  log        {} records, {} bytes",
+                    report.log_records, report.log_bytes
+                );
+                println!("  entries    {}", report.entries);
+                println!("  digest     {}", report.digest);
+                if let Some(torn) = &report.torn_tail {
+                    println!(
+                        "  torn tail  {} bytes at byte offset {} of {} ({}); the next start cuts them off",
+                        torn.discarded_bytes,
+                        torn.offset,
+                        torn.path.display(),
+                        torn.reason
+                    );
+                }
+                for stale in &report.stale_files {
+                    println!("  leftover   {} (from an interrupted compaction; removed at the next start)", stale.display());
+                }
+                if server_running {
+                    println!("note: a server is running on this data directory; its latest writes may be in flight");
+                }
+            }
+            OutputFormat::Json => self.json(&serde_json::json!({
+                "state_dir": state_dir,
+                "recoverable": true,
+                "server_running": server_running,
+                "report": report,
+            })),
+        }
+    }
+}
+
+fn print_summary(summary: &StateSummary) {
+    println!("servers  {}", summary.servers);
+    println!("templates {}", summary.templates);
+    println!(
+        "state    {} entries, digest {}",
+        summary.entries,
+        &summary.digest[..16.min(summary.digest.len())]
+    );
+    println!(
+        "storage  snapshot generation {}, log {} records ({} bytes)",
+        summary.generation, summary.log_records, summary.log_bytes
+    );
+}

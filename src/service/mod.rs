@@ -1,0 +1,156 @@
+//! The service layer: the one place the faces (CLI, control socket, and later
+//! the REST API and console TUI) read and change this server's grid state.
+//!
+//! Every change goes the same way: build the delta, append it to the log
+//! (durable), then apply it in memory. Nothing in memory is ahead of disk.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::appliance::config::Config;
+use crate::model::{ServerId, ServerRecord};
+use crate::state::{
+    Delta, GridState, HlcClock, MergeError, RecoveryReport, StateStore, StoreError,
+};
+
+/// Why a service call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("grid state")]
+    Store(#[from] StoreError),
+    #[error("the change was refused")]
+    Refused(#[from] MergeError),
+}
+
+/// What `deskgrid status` shows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub server_id: ServerId,
+    pub name: String,
+    pub site: String,
+    pub software_version: String,
+    pub uptime_ms: u64,
+    pub state: StateSummary,
+}
+
+/// The grid state as this server holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateSummary {
+    pub servers: usize,
+    pub templates: usize,
+    pub entries: usize,
+    /// SHA-256 of the state's content: equal on servers that agree.
+    pub digest: String,
+    pub generation: u64,
+    pub log_records: u64,
+    pub log_bytes: u64,
+}
+
+/// This server's view of the grid, with its durable store.
+#[derive(Debug)]
+pub struct GridService {
+    server_id: ServerId,
+    state: GridState,
+    store: StateStore,
+    clock: HlcClock,
+    started_at_ms: u64,
+}
+
+impl GridService {
+    /// Recovers the state from `state_dir`.
+    pub fn open(
+        server_id: ServerId,
+        state_dir: &std::path::Path,
+    ) -> Result<(Self, RecoveryReport), ServiceError> {
+        let (store, state, report) = StateStore::open(state_dir)?;
+        let clock = HlcClock::starting_after(state.max_hlc());
+        let service = Self {
+            server_id,
+            state,
+            store,
+            clock,
+            started_at_ms: now_ms(),
+        };
+        Ok((service, report))
+    }
+
+    pub fn server_id(&self) -> ServerId {
+        self.server_id
+    }
+
+    pub fn state(&self) -> &GridState {
+        &self.state
+    }
+
+    /// Writes this server's own record from its config and what it knows now.
+    pub fn publish_own_record(&mut self, config: &Config) -> Result<(), ServiceError> {
+        let now = now_ms();
+        let mut record = self
+            .state
+            .server(self.server_id)
+            .cloned()
+            .unwrap_or_else(|| {
+                ServerRecord::new(String::new(), Vec::new(), config.server.site.clone(), now)
+            });
+        record.name = config.server.name.clone();
+        record.addresses = vec![config.server.listen.to_string()];
+        record.site = config.server.site.clone();
+        record.software_version = env!("CARGO_PKG_VERSION").to_owned();
+        record.updated_at_ms = now;
+        let hlc = self.clock.tick(now);
+        let delta = self
+            .state
+            .prepare_server_update(self.server_id, hlc, record)?;
+        self.commit(delta)
+    }
+
+    /// Persists a prepared delta, then applies it.
+    fn commit(&mut self, delta: Delta) -> Result<(), ServiceError> {
+        self.store.append(&delta)?;
+        self.state.apply_delta(&delta)?;
+        if self.store.should_compact() {
+            self.store.compact(&self.state)?;
+        }
+        Ok(())
+    }
+
+    /// Folds the log into a new snapshot now.
+    pub fn compact(&mut self) -> Result<StateSummary, ServiceError> {
+        self.store.compact(&self.state)?;
+        Ok(self.summary())
+    }
+
+    pub fn status(&self) -> StatusReport {
+        let own = self.state.server(self.server_id);
+        StatusReport {
+            server_id: self.server_id,
+            name: own.map(|record| record.name.clone()).unwrap_or_default(),
+            site: own
+                .map(|record| record.site.to_string())
+                .unwrap_or_default(),
+            software_version: env!("CARGO_PKG_VERSION").to_owned(),
+            uptime_ms: now_ms().saturating_sub(self.started_at_ms),
+            state: self.summary(),
+        }
+    }
+
+    fn summary(&self) -> StateSummary {
+        StateSummary {
+            servers: self.state.servers().count(),
+            templates: self.state.templates().count(),
+            entries: self.state.entry_count(),
+            digest: hex::encode(self.state.digest()),
+            generation: self.store.generation(),
+            log_records: self.store.log_records(),
+            log_bytes: self.store.log_bytes(),
+        }
+    }
+}
+
+/// Unix milliseconds from the wall clock (the shells read time; the core takes it).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
