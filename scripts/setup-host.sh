@@ -8,7 +8,7 @@ packages=(
   build-essential pkg-config
   libvirt-dev libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
   qemu-system-x86 qemu-utils
-  binutils procps tmux
+  binutils procps tmux shellcheck
 )
 
 log() { printf '==> %s\n' "$*"; }

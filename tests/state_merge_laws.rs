@@ -4,6 +4,9 @@
 //! its own replica with its own hybrid logical clock, on a small key space so
 //! that concurrent writes to the same register are common.
 
+// A test that unwraps fails with the value it met: exactly what a test should do.
+#![allow(clippy::unwrap_used)]
+
 use deskgrid::model::{
     ImageVersionId, Role, ServerId, ServerRecord, SiteLabel, Template, TemplateName, User, UserName,
 };

@@ -1,0 +1,346 @@
+//! The `deskgrid` binary end to end: `init`, `serve` with its control socket,
+//! `status`, clean shutdown on SIGTERM, and the errors an admin meets.
+
+// A test that unwraps fails with the value it met: exactly what a test should do.
+#![allow(clippy::unwrap_used)]
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+const DESKGRID: &str = env!("CARGO_BIN_EXE_deskgrid");
+/// Generous: a cold start on a loaded 2-core CI machine, never reached when healthy.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+fn deskgrid(data_dir: &Path, arguments: &[&str]) -> Output {
+    Command::new(DESKGRID)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(arguments)
+        .env_remove("DESKGRID_DATA_DIR")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("the deskgrid binary runs")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn init(data_dir: &Path) -> serde_json::Value {
+    let output = deskgrid(
+        data_dir,
+        &[
+            "--output",
+            "json",
+            "init",
+            "--name",
+            "test-1",
+            "--listen",
+            "127.0.0.1:7443",
+            "--site",
+            "lab",
+        ],
+    );
+    assert!(output.status.success(), "init failed: {}", stderr(&output));
+    serde_json::from_slice(&output.stdout).expect("init --output json prints JSON")
+}
+
+/// A `deskgrid serve` child, stopped with SIGKILL if a test fails before it
+/// stops it properly.
+struct Server {
+    child: Option<Child>,
+    socket: PathBuf,
+}
+
+impl Server {
+    fn start(data_dir: &Path) -> Self {
+        let child = Command::new(DESKGRID)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("serve")
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("deskgrid serve starts");
+        let mut server = Self {
+            child: Some(child),
+            socket: data_dir.join("control.sock"),
+        };
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !server.socket.exists() {
+            if let Some(status) = server.child_mut().try_wait().expect("can poll the server") {
+                panic!("deskgrid serve exited at start-up with {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "deskgrid serve did not open its control socket in time"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+
+    fn child_mut(&mut self) -> &mut Child {
+        self.child.as_mut().expect("server still owned")
+    }
+
+    /// SIGTERM, then the exit status and everything it logged.
+    fn stop(mut self) -> Output {
+        let child = self.child.take().expect("server still owned");
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("can signal the server");
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut child = child;
+        loop {
+            if child.try_wait().expect("can poll the server").is_some() {
+                return child.wait_with_output().expect("server output");
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("deskgrid serve did not stop within {START_TIMEOUT:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[test]
+fn init_serve_status_and_clean_stop() {
+    let temp = tempfile::tempdir().unwrap();
+    let data_dir = temp.path().join("data");
+    let initialised = init(&data_dir);
+    let server_id = initialised["server_id"].as_str().unwrap().to_owned();
+
+    let config = std::fs::read_to_string(data_dir.join("config.toml")).unwrap();
+    assert!(config.contains("listen = \"127.0.0.1:7443\""), "{config}");
+    assert!(
+        config.contains("# Default:"),
+        "config.toml documents defaults:\n{config}"
+    );
+
+    // No server yet: the CLI says so instead of touching the files.
+    let output = deskgrid(&data_dir, &["status"]);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains(&format!(
+            "no deskgrid server is running on {}",
+            data_dir.display()
+        )),
+        "{}",
+        stderr(&output)
+    );
+
+    let server = Server::start(&data_dir);
+    let mode = std::fs::metadata(&server.socket)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "control socket is private");
+
+    let output = deskgrid(&data_dir, &["--output", "json", "status"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(status["server_id"], server_id.as_str());
+    assert_eq!(status["name"], "test-1");
+    assert_eq!(status["site"], "lab");
+    assert_eq!(status["state"]["servers"], 1);
+
+    let output = deskgrid(&data_dir, &["status"]);
+    assert!(
+        stdout(&output).contains(&format!("server   test-1 ({server_id})")),
+        "{}",
+        stdout(&output)
+    );
+
+    // A second server on the same directory is refused.
+    let second = deskgrid(&data_dir, &["serve"]);
+    assert!(!second.status.success());
+    assert!(
+        stderr(&second).contains("already running"),
+        "{}",
+        stderr(&second)
+    );
+
+    let output = deskgrid(&data_dir, &["--output", "json", "state", "compact"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let compacted: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(compacted["generation"], 1);
+    assert_eq!(compacted["log_records"], 0);
+
+    let socket = server.socket.clone();
+    let stopped = server.stop();
+    assert!(
+        stopped.status.success(),
+        "serve exits 0 on SIGTERM: {}",
+        stderr(&stopped)
+    );
+    assert!(stderr(&stopped).contains("stopped"), "{}", stderr(&stopped));
+    assert!(
+        !socket.exists(),
+        "the control socket is removed at shutdown"
+    );
+
+    let output = deskgrid(&data_dir, &["--output", "json", "state", "check"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let check: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(check["report"]["generation"], 1);
+    assert_eq!(check["report"]["entries"], 1);
+    assert_eq!(check["report"]["digest"], status["state"]["digest"]);
+
+    // And it starts again on what it left.
+    Server::start(&data_dir).stop();
+}
+
+#[test]
+fn a_corrupted_state_file_stops_start_up_naming_file_and_offset() {
+    let temp = tempfile::tempdir().unwrap();
+    let data_dir = temp.path().join("data");
+    init(&data_dir);
+    // serve appends a second record, so the first is an old one.
+    Server::start(&data_dir).stop();
+
+    let log = data_dir.join("state").join("log.0");
+    let mut bytes = std::fs::read(&log).unwrap();
+    let first_record = 16;
+    bytes[first_record + 12 + 7] ^= 0x01;
+    std::fs::write(&log, &bytes).unwrap();
+
+    let expected = format!(
+        "{}: corrupt data at byte offset {first_record}",
+        log.display()
+    );
+    let check = deskgrid(&data_dir, &["state", "check"]);
+    assert!(!check.status.success());
+    assert!(stderr(&check).contains(&expected), "{}", stderr(&check));
+
+    let serve = deskgrid(&data_dir, &["serve"]);
+    assert!(
+        !serve.status.success(),
+        "serve must not start on damaged state"
+    );
+    assert!(stderr(&serve).contains(&expected), "{}", stderr(&serve));
+    assert_eq!(
+        std::fs::read(&log).unwrap(),
+        bytes,
+        "nothing was repaired away"
+    );
+}
+
+#[test]
+fn a_torn_last_record_is_reported_then_cut_off() {
+    let temp = tempfile::tempdir().unwrap();
+    let data_dir = temp.path().join("data");
+    init(&data_dir);
+    let log = data_dir.join("state").join("log.0");
+    let intact = std::fs::metadata(&log).unwrap().len();
+    // Half a frame, as a crash in the middle of an append leaves it.
+    let mut file = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    std::io::Write::write_all(&mut file, &[0x20, 0, 0, 0, 0xaa, 0xbb]).unwrap();
+    drop(file);
+
+    let check = deskgrid(&data_dir, &["state", "check"]);
+    assert!(check.status.success(), "{}", stderr(&check));
+    assert!(
+        stdout(&check).contains(&format!("6 bytes at byte offset {intact}")),
+        "{}",
+        stdout(&check)
+    );
+
+    let stopped = Server::start(&data_dir).stop();
+    assert!(stopped.status.success());
+    assert!(
+        stderr(&stopped).contains("torn"),
+        "the cut is logged: {}",
+        stderr(&stopped)
+    );
+    let check = deskgrid(&data_dir, &["--output", "json", "state", "check"]);
+    let report: serde_json::Value = serde_json::from_slice(&check.stdout).unwrap();
+    assert_eq!(report["report"]["torn_tail"], serde_json::Value::Null);
+    assert_eq!(report["report"]["log_records"], 2);
+}
+
+#[test]
+fn init_refuses_bad_settings_and_a_second_init() {
+    let temp = tempfile::tempdir().unwrap();
+    let data_dir = temp.path().join("data");
+
+    let output = deskgrid(&data_dir, &["init", "--site", "no spaces"]);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("site name \"no spaces\""),
+        "{}",
+        stderr(&output)
+    );
+    assert!(!data_dir.exists(), "a refused init creates nothing");
+
+    let output = deskgrid(&data_dir, &["init", "--seed", "missing-port"]);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("\"missing-port\" is not HOST:PORT"),
+        "{}",
+        stderr(&output)
+    );
+
+    init(&data_dir);
+    let output = deskgrid(&data_dir, &["init"]);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("already initialised"),
+        "{}",
+        stderr(&output)
+    );
+
+    let output = deskgrid(&temp.path().join("elsewhere"), &["state", "check"]);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("run `deskgrid init"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn help_explains_every_command_and_the_data_dir_comes_from_the_environment() {
+    let help = Command::new(DESKGRID).arg("--help").output().unwrap();
+    let text = stdout(&help);
+    for command in ["init", "serve", "status", "state"] {
+        assert!(text.contains(command), "--help lists {command}:\n{text}");
+    }
+    assert!(text.contains("DESKGRID_DATA_DIR"), "{text}");
+    assert!(text.contains("/var/lib/deskgrid"), "{text}");
+
+    let version = Command::new(DESKGRID).arg("--version").output().unwrap();
+    assert_eq!(
+        stdout(&version).trim(),
+        format!("deskgrid {}", env!("CARGO_PKG_VERSION"))
+    );
+
+    let temp = tempfile::tempdir().unwrap();
+    let data_dir = temp.path().join("from-env");
+    let output = Command::new(DESKGRID)
+        .args(["init", "--name", "env"])
+        .env("DESKGRID_DATA_DIR", &data_dir)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(data_dir.join("config.toml").exists());
+}
