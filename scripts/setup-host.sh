@@ -9,6 +9,7 @@ packages=(
   libvirt-dev libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
   qemu-system-x86 qemu-utils
   binutils procps tmux shellcheck
+  busybox-static syslinux syslinux-common mtools dosfstools cpio python3
 )
 
 log() { printf '==> %s\n' "$*"; }

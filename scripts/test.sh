@@ -13,7 +13,7 @@ echo "==> cargo fmt --check"
 cargo fmt --check
 
 echo "==> shellcheck"
-find scripts image-build .ci -type f \( -name '*.sh' -o -name run \) -print0 | xargs -0 shellcheck
+find scripts image-build tests/guest .ci -type f \( -name '*.sh' -o -name run \) -print0 | xargs -0 shellcheck
 
 echo "==> cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings

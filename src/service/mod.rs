@@ -107,10 +107,18 @@ impl GridService {
 
     /// Persists a prepared delta, then applies it.
     fn commit(&mut self, delta: Delta) -> Result<(), ServiceError> {
+        if self.store.compaction_incomplete() {
+            // Finish the failed compaction first, or the write would be lost.
+            self.store.compact(&self.state)?;
+        }
         self.store.append(&delta)?;
         self.state.apply_delta(&delta)?;
         if self.store.should_compact() {
-            self.store.compact(&self.state)?;
+            // The write is durable already: a failed compaction is retried
+            // before the next write, not reported as a failed write.
+            if let Err(error) = self.store.compact(&self.state) {
+                tracing::warn!(error = %crate::error_chain(&error), "compaction failed; it is retried before the next write");
+            }
         }
         Ok(())
     }

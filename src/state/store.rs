@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use super::grid_state::{Delta, GridState, MergeError};
 use super::storage::log_file::{read_log, LogContents, LogWriter, TornTail};
-use super::storage::snapshot_file::{read_snapshot, remove_stale_temp, write_snapshot};
+use super::storage::snapshot_file::{read_snapshot, write_snapshot};
 use super::storage::{fsync_dir, HeaderProblem, StorageError};
 
 const SNAPSHOT_FILE: &str = "snapshot";
@@ -77,6 +77,11 @@ pub enum StoreError {
         log_generation: u64,
         snapshot_generation: u64,
     },
+    #[error(
+        "{}: an earlier compaction did not finish, so new records would be lost; compact again (deskgrid state compact) before writing",
+        .dir.display()
+    )]
+    CompactionIncomplete { dir: PathBuf },
     #[error("cannot {operation} {}", .path.display())]
     Io {
         path: PathBuf,
@@ -116,6 +121,11 @@ pub struct StateStore {
     dir: PathBuf,
     log: LogWriter,
     log_records: u64,
+    /// A compaction failed part-way: the new snapshot may already be in
+    /// place, which makes the current log stale. Appending to it would write
+    /// records that the next start discards, so appends are refused until a
+    /// compaction succeeds.
+    compaction_incomplete: bool,
 }
 
 /// Everything read from the state directory, before anything is changed.
@@ -138,7 +148,6 @@ impl StateStore {
             operation: "create directory",
             source,
         })?;
-        remove_stale_temp(dir, SNAPSHOT_FILE)?;
         let loaded = load(dir)?;
         for stale in &loaded.stale_files {
             tracing::info!(path = %stale.display(), "removing a file left by an interrupted compaction");
@@ -178,12 +187,18 @@ impl StateStore {
             dir: dir.to_owned(),
             log,
             log_records,
+            compaction_incomplete: false,
         };
         Ok((store, loaded.state, report))
     }
 
     /// Appends a delta to the log; returns once it is on disk.
     pub fn append(&mut self, delta: &Delta) -> Result<(), StoreError> {
+        if self.compaction_incomplete {
+            return Err(StoreError::CompactionIncomplete {
+                dir: self.dir.clone(),
+            });
+        }
         let payload = encode(&LogRecordBody::DeltaV1(delta.clone()));
         self.log.append(&payload)?;
         self.log_records += 1;
@@ -210,18 +225,48 @@ impl StateStore {
     /// Writes `state` (which must include every appended delta) as the next
     /// snapshot and starts a new, empty log.
     pub fn compact(&mut self, state: &GridState) -> Result<(), StoreError> {
+        self.compaction_incomplete = true;
+        self.try_compact(state)?;
+        self.compaction_incomplete = false;
+        Ok(())
+    }
+
+    /// True after a failed compaction, until one succeeds.
+    pub fn compaction_incomplete(&self) -> bool {
+        self.compaction_incomplete
+    }
+
+    fn try_compact(&mut self, state: &GridState) -> Result<(), StoreError> {
         let old_generation = self.log.generation();
-        let generation = old_generation + 1;
+        // After an earlier failure the snapshot may be ahead of our log: go
+        // past whatever is on disk.
+        let on_disk = read_snapshot(&self.dir.join(SNAPSHOT_FILE))
+            .ok()
+            .flatten()
+            .map_or(0, |snapshot| snapshot.generation);
+        let generation = old_generation.max(on_disk) + 1;
         let payload = encode(&SnapshotBody::StateV1(state.to_delta()));
         write_snapshot(&self.dir, SNAPSHOT_FILE, generation, &payload)?;
-        self.log = LogWriter::create(&log_path(&self.dir, generation), generation)?;
+        let new_log = log_path(&self.dir, generation);
+        if new_log.exists() {
+            // Left by an earlier failed attempt; it holds no record.
+            fs::remove_file(&new_log).map_err(|source| StoreError::Io {
+                path: new_log.clone(),
+                operation: "remove",
+                source,
+            })?;
+        }
+        self.log = LogWriter::create(&new_log, generation)?;
         self.log_records = 0;
-        let old_log = log_path(&self.dir, old_generation);
-        fs::remove_file(&old_log).map_err(|source| StoreError::Io {
-            path: old_log,
-            operation: "remove",
-            source,
-        })?;
+        for (stale_generation, stale) in log_files(&self.dir)? {
+            if stale_generation < generation {
+                fs::remove_file(&stale).map_err(|source| StoreError::Io {
+                    path: stale,
+                    operation: "remove",
+                    source,
+                })?;
+            }
+        }
         fsync_dir(&self.dir)?;
         tracing::info!(
             generation,
@@ -261,6 +306,11 @@ fn load(dir: &Path) -> Result<Loaded, StoreError> {
     };
 
     let mut stale_files = Vec::new();
+    // A snapshot being written when the crash came; the old one still stands.
+    let temp_snapshot = dir.join(format!(".{SNAPSHOT_FILE}.tmp"));
+    if temp_snapshot.exists() {
+        stale_files.push(temp_snapshot);
+    }
     let mut current_log = None;
     for (log_generation, path) in log_files(dir)? {
         if log_generation < generation {
@@ -401,7 +451,7 @@ fn decode<T: for<'de> Deserialize<'de>>(
 mod tests {
     use super::*;
     use crate::model::{sample_template, ServerId};
-    use crate::state::{ConfigValue, Hlc};
+    use crate::state::{ConfigKey, ConfigValue, Hlc};
 
     fn write_templates(store: &mut StateStore, state: &mut GridState, names: &[&str]) {
         let origin = ServerId::from_bytes([7; 16]);
@@ -477,6 +527,53 @@ mod tests {
         assert_eq!(check(dir.path()).unwrap_err().to_string(), error);
         // Nothing was repaired away: the file is as it was.
         assert_eq!(fs::read(&path).unwrap(), bytes);
+    }
+
+    #[test]
+    fn a_failed_compaction_refuses_appends_until_one_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, mut state, _) = StateStore::open(dir.path()).unwrap();
+        write_templates(&mut store, &mut state, &["alice"]);
+        // Something in the way of the new log: the snapshot lands, the log cannot.
+        fs::create_dir(log_path(dir.path(), 1)).unwrap();
+        assert!(store.compact(&state).is_err());
+        assert!(store.compaction_incomplete());
+        let origin = ServerId::from_bytes([7; 16]);
+        let delta = state
+            .prepare_config_write(
+                origin,
+                Hlc {
+                    physical_ms: 9_000,
+                    logical: 0,
+                },
+                ConfigKey::Policy,
+                None,
+            )
+            .unwrap();
+        assert!(matches!(
+            store.append(&delta),
+            Err(StoreError::CompactionIncomplete { .. })
+        ));
+
+        fs::remove_dir(log_path(dir.path(), 1)).unwrap();
+        store.compact(&state).unwrap();
+        write_templates(&mut store, &mut state, &["bob"]);
+        drop(store);
+        let (_, recovered, _) = StateStore::open(dir.path()).unwrap();
+        assert_eq!(recovered, state, "nothing acknowledged was lost");
+        assert_eq!(recovered.templates().count(), 2);
+    }
+
+    #[test]
+    fn a_leftover_snapshot_temp_is_reported_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(StateStore::open(dir.path()).unwrap());
+        let temp = dir.path().join(".snapshot.tmp");
+        fs::write(&temp, b"half a snapshot").unwrap();
+        assert_eq!(check(dir.path()).unwrap().stale_files, vec![temp.clone()]);
+        let (_, _, report) = StateStore::open(dir.path()).unwrap();
+        assert_eq!(report.stale_files, vec![temp.clone()]);
+        assert!(!temp.exists());
     }
 
     #[test]
