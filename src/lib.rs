@@ -29,3 +29,5 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     }
     message
 }
+/// The actualization engine: the host, through libvirt.
+pub mod actuator;

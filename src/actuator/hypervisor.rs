@@ -1,0 +1,255 @@
+//! The `Hypervisor` trait: everything deskgrid asks of its host, in deskgrid's
+//! own terms. `libvirt.rs` implements it on a real libvirt connection and
+//! `fake.rs` in memory, for fast tests of the code above it.
+//!
+//! Calls block (libvirt's API is synchronous): async callers go through
+//! [`AsyncHypervisor`], which runs each call on tokio's blocking pool so no
+//! libvirt call ever stalls an async worker thread.
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::domain_xml::{DomainSpec, VolumeFormat};
+use super::naming::VolumeName;
+use crate::model::{HostCapacity, ImageVersionId, VmId};
+
+/// A volume deskgrid created in its storage pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeInfo {
+    pub name: VolumeName,
+    pub path: String,
+    /// Size of the disk the guest sees.
+    pub capacity_bytes: u64,
+    /// Space the volume takes in the pool.
+    pub allocation_bytes: u64,
+}
+
+/// The storage pool deskgrid keeps its volumes in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolInfo {
+    pub name: String,
+    pub path: String,
+    pub capacity_bytes: u64,
+    pub available_bytes: u64,
+}
+
+/// What libvirt says a domain is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DomainState {
+    Running,
+    Paused,
+    ShuttingDown,
+    ShutOff,
+    Crashed,
+    Other,
+}
+
+/// One of deskgrid's domains, as found on the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainStatus {
+    pub vm: VmId,
+    pub template: crate::model::TemplateName,
+    pub image: ImageVersionId,
+    pub state: DomainState,
+}
+
+/// How a graceful shutdown ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShutdownOutcome {
+    /// The guest powered off by itself within the timeout.
+    Graceful,
+    /// The guest did not stop in time and was destroyed.
+    Forced,
+    /// It was not running.
+    AlreadyOff,
+}
+
+/// Where a user connects to a domain's display, once a ticket is set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DisplayEndpoint {
+    pub protocol: crate::model::DisplayProtocol,
+    pub listen: String,
+    pub port: u16,
+    /// VNC over websocket (for the browser console), when enabled.
+    pub websocket_port: Option<u16>,
+}
+
+/// A byte stream to a guest agent's virtio-serial channel.
+pub trait GuestChannel: Read + Write + Send + std::fmt::Debug {}
+
+/// Called with the bytes done so far during long transfers.
+pub type Progress<'a> = &'a mut dyn FnMut(u64);
+
+/// Why the host could not do what deskgrid asked.
+#[derive(Debug, thiserror::Error)]
+pub enum ActuatorError {
+    #[error("cannot connect to libvirt at {uri}: {message}")]
+    Connect { uri: String, message: String },
+    #[error("libvirt {operation} failed: {message}")]
+    Libvirt {
+        operation: &'static str,
+        message: String,
+    },
+    #[error("storage pool {pool} {problem}")]
+    Pool { pool: String, problem: String },
+    #[error("volume {name} not found in pool {pool}")]
+    VolumeNotFound { pool: String, name: String },
+    #[error("volume {name} is not deskgrid's: deskgrid only touches volumes it created")]
+    NotOurVolume { name: String },
+    #[error("volume {name} already exists in pool {pool}")]
+    VolumeExists { pool: String, name: String },
+    #[error("pool {pool} has {available_bytes} bytes free, {needed_bytes} are needed")]
+    PoolFull {
+        pool: String,
+        needed_bytes: u64,
+        available_bytes: u64,
+    },
+    #[error("no domain for VM {vm}")]
+    DomainNotFound { vm: VmId },
+    #[error("domain of VM {vm} is not running")]
+    DomainNotRunning { vm: VmId },
+    #[error("{what} of {name} runs past its {limit}-byte size")]
+    OutOfBounds {
+        what: &'static str,
+        name: String,
+        limit: u64,
+    },
+    #[error("libvirt returned XML deskgrid cannot use")]
+    Xml(#[from] super::domain_xml::XmlError),
+    #[error("stream {operation} of {name} failed")]
+    Stream {
+        operation: &'static str,
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the host call was cancelled")]
+    Cancelled,
+}
+
+/// Everything deskgrid does to its host. Implementations are cheap to share
+/// between threads; every call blocks until the host has done it.
+pub trait Hypervisor: Send + Sync + std::fmt::Debug {
+    /// CPUs, memory and pool space, as one record for the state engine.
+    fn host_capacity(&self) -> Result<HostCapacity, ActuatorError>;
+
+    /// Creates the configured pool when missing, starts it when inactive.
+    fn ensure_pool(&self) -> Result<PoolInfo, ActuatorError>;
+
+    /// Creates an empty base image volume of `capacity_bytes`, to be filled by
+    /// [`write_volume_at`](Self::write_volume_at) or an upload.
+    fn create_base_volume(
+        &self,
+        image: &ImageVersionId,
+        capacity_bytes: u64,
+        format: VolumeFormat,
+    ) -> Result<VolumeInfo, ActuatorError>;
+
+    /// Imports a base image from any byte stream of exactly `size` bytes
+    /// through a volume upload stream. A failed import leaves no volume behind.
+    fn import_base_image(
+        &self,
+        image: &ImageVersionId,
+        format: VolumeFormat,
+        size: u64,
+        source: &mut dyn Read,
+        progress: Progress<'_>,
+    ) -> Result<VolumeInfo, ActuatorError>;
+
+    /// Streams a volume's bytes out; returns how many were written.
+    fn export_volume(
+        &self,
+        name: &VolumeName,
+        sink: &mut dyn Write,
+        progress: Progress<'_>,
+    ) -> Result<u64, ActuatorError>;
+
+    /// Writes `data` at `offset` of a volume (chunks arriving out of order).
+    fn write_volume_at(
+        &self,
+        name: &VolumeName,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), ActuatorError>;
+
+    /// A qcow2 overlay for `vm` whose backing store is the base image.
+    fn create_linked_clone(
+        &self,
+        vm: VmId,
+        base: &ImageVersionId,
+    ) -> Result<VolumeInfo, ActuatorError>;
+
+    /// Deletes one of deskgrid's volumes.
+    fn delete_volume(&self, name: &VolumeName) -> Result<(), ActuatorError>;
+
+    /// deskgrid's volumes in the pool (others are never listed).
+    fn list_volumes(&self) -> Result<Vec<VolumeInfo>, ActuatorError>;
+
+    /// Defines (or redefines) the domain of `spec.vm`; does not start it.
+    fn define_domain(&self, spec: &DomainSpec) -> Result<(), ActuatorError>;
+
+    fn start_domain(&self, vm: VmId) -> Result<(), ActuatorError>;
+
+    /// Asks the guest to power off; destroys it after `timeout`.
+    fn shutdown_domain(
+        &self,
+        vm: VmId,
+        timeout: Duration,
+    ) -> Result<ShutdownOutcome, ActuatorError>;
+
+    /// Powers the domain off at once (no-op when it is off).
+    fn destroy_domain(&self, vm: VmId) -> Result<(), ActuatorError>;
+
+    /// Removes the domain definition and its overlay volume (it must be off).
+    fn undefine_domain(&self, vm: VmId) -> Result<(), ActuatorError>;
+
+    /// deskgrid's domains on this host, read from their metadata, so a
+    /// restarted appliance adopts what it had.
+    fn list_domains(&self) -> Result<Vec<DomainStatus>, ActuatorError>;
+
+    fn domain_state(&self, vm: VmId) -> Result<DomainState, ActuatorError>;
+
+    /// Sets a one-time display password valid for `valid_for` on a running
+    /// domain and returns where to connect.
+    fn set_display_ticket(
+        &self,
+        vm: VmId,
+        password: &str,
+        valid_for: Duration,
+    ) -> Result<DisplayEndpoint, ActuatorError>;
+
+    /// Opens the guest agent's channel of a running domain.
+    fn open_guest_channel(&self, vm: VmId) -> Result<Box<dyn GuestChannel>, ActuatorError>;
+}
+
+/// Runs [`Hypervisor`] calls off the async workers.
+#[derive(Debug, Clone)]
+pub struct AsyncHypervisor {
+    inner: Arc<dyn Hypervisor>,
+}
+
+impl AsyncHypervisor {
+    pub fn new(inner: Arc<dyn Hypervisor>) -> Self {
+        Self { inner }
+    }
+
+    /// Runs `call` with the hypervisor on tokio's blocking pool.
+    pub async fn run<T, F>(&self, call: F) -> Result<T, ActuatorError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Hypervisor) -> Result<T, ActuatorError> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || call(inner.as_ref()))
+            .await
+            .map_err(|_| ActuatorError::Cancelled)?
+    }
+
+    pub fn blocking(&self) -> &dyn Hypervisor {
+        self.inner.as_ref()
+    }
+}

@@ -1,0 +1,21 @@
+//! The actualization engine: deskgrid's only way to touch its host, through libvirt.
+//!
+//! The rest of deskgrid sees the [`Hypervisor`] trait. `libvirt.rs` is its
+//! real implementation (and the only file that names the `virt` crate),
+//! `fake.rs` an in-memory one for fast tests. What libvirt reads and writes as
+//! XML is rendered and parsed by pure functions in `domain_xml.rs`; deskgrid's
+//! names for volumes and domains live in `naming.rs`, MAC addresses in `mac.rs`.
+
+pub mod domain_xml;
+pub mod fake;
+pub mod hypervisor;
+pub mod libvirt;
+pub mod mac;
+pub mod naming;
+
+pub use domain_xml::{DomainKind, DomainSpec, VolumeFormat};
+pub use hypervisor::{
+    ActuatorError, AsyncHypervisor, DisplayEndpoint, DomainState, DomainStatus, GuestChannel,
+    Hypervisor, PoolInfo, ShutdownOutcome, VolumeInfo,
+};
+pub use naming::VolumeName;
