@@ -68,6 +68,14 @@ fn agent_loads_no_libvirt_or_tls_library() -> anyhow::Result<()> {
         );
     }
 
+    // Control: the daemon drives libvirt, so the same check must find it there.
+    assert!(
+        forbidden_libraries(&deskgrid_needed)
+            .iter()
+            .any(|library| library.starts_with("libvirt")),
+        "the check finds no libvirt in deskgrid ({deskgrid_needed:?}), which links it: the check is broken"
+    );
+
     let forbidden = forbidden_libraries(&agent_needed);
     assert!(
         forbidden.is_empty(),

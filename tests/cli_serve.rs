@@ -275,7 +275,11 @@ fn a_torn_last_record_is_reported_then_cut_off() {
     let check = deskgrid(&data_dir, &["--output", "json", "state", "check"]);
     let report: serde_json::Value = serde_json::from_slice(&check.stdout).unwrap();
     assert_eq!(report["report"]["torn_tail"], serde_json::Value::Null);
-    assert_eq!(report["report"]["log_records"], 2);
+    // init's record and serve's own record; the host worker may have added one.
+    assert!(
+        report["report"]["log_records"].as_u64().unwrap() >= 2,
+        "{report}"
+    );
 }
 
 #[test]
@@ -343,4 +347,97 @@ fn help_explains_every_command_and_the_data_dir_comes_from_the_environment() {
         .unwrap();
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(data_dir.join("config.toml").exists());
+}
+
+#[test]
+fn serve_starts_without_libvirt_and_says_so() {
+    let temp = tempfile::tempdir().unwrap();
+    let data_dir = temp.path().join("data");
+    let output = deskgrid(&data_dir, &["init", "--libvirt", "nosuchdriver:///system"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let server = Server::start(&data_dir);
+    let output = deskgrid(&data_dir, &["status"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stdout(&output).contains("host     not reached yet"),
+        "{}",
+        stdout(&output)
+    );
+    let stopped = server.stop();
+    assert!(stopped.status.success());
+    let log = stderr(&stopped);
+    assert!(
+        log.contains("host not ready") && log.contains("nosuchdriver:///system"),
+        "{log}"
+    );
+}
+
+#[test]
+fn host_check_names_each_problem_and_its_fix() {
+    let temp = tempfile::tempdir().unwrap();
+    let nowhere = temp.path().join("not-initialised");
+
+    let output = deskgrid(
+        &nowhere,
+        &[
+            "--output",
+            "json",
+            "host",
+            "check",
+            "--libvirt",
+            "test:///default",
+        ],
+    );
+    assert!(
+        output.status.success(),
+        "ready on the test driver: {}",
+        stdout(&output)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["ready"], true);
+    let checks: Vec<(String, String)> = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| {
+            (
+                item["check"].as_str().unwrap().to_owned(),
+                item["status"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let names: Vec<&str> = checks.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["libvirt", "virtualization", "storage pool", "network"]
+    );
+    assert_eq!(checks[1].1, "warning", "the test driver offers no KVM");
+
+    let output = deskgrid(
+        &nowhere,
+        &[
+            "host",
+            "check",
+            "--libvirt",
+            "test:///default",
+            "--network",
+            "nonet",
+        ],
+    );
+    assert!(!output.status.success());
+    let text = stdout(&output);
+    assert!(
+        text.contains("BLOCKING network        network \"nonet\" does not exist"),
+        "{text}"
+    );
+    assert!(text.contains("fix: define it"), "{text}");
+
+    let output = deskgrid(
+        &nowhere,
+        &["host", "check", "--libvirt", "nosuchdriver:///system"],
+    );
+    assert!(!output.status.success());
+    let text = stdout(&output);
+    assert!(text.contains("BLOCKING libvirt"), "{text}");
+    assert!(text.contains("fix: start libvirtd"), "{text}");
 }

@@ -680,6 +680,43 @@ impl Hypervisor for LibvirtHypervisor {
     }
 }
 
+/// What the host offers, for `deskgrid host check`: read-only, creates nothing.
+impl LibvirtHypervisor {
+    /// The configured pool: `None` when missing, else (active, capacity, available).
+    pub fn pool_status(&self) -> Result<Option<(bool, u64, u64)>, ActuatorError> {
+        let Some(pool) = self.find_pool()? else {
+            return Ok(None);
+        };
+        let active = pool.is_active().map_err(libvirt_error("read pool state"))?;
+        if active {
+            pool.refresh(0).map_err(libvirt_error("refresh the pool"))?;
+        }
+        let info = pool.get_info().map_err(libvirt_error("read pool info"))?;
+        Ok(Some((active, info.capacity, info.available)))
+    }
+
+    /// A libvirt network: `None` when missing, else whether it is active.
+    pub fn network_status(&self, name: &str) -> Result<Option<bool>, ActuatorError> {
+        let name = name.to_owned();
+        self.call(
+            "look up a network",
+            |connection| match virt::network::Network::lookup_by_name(connection, &name) {
+                Ok(network) => network.is_active().map(Some),
+                Err(error) if error.code() == ErrorNumber::NoNetwork => Ok(None),
+                Err(error) => Err(error),
+            },
+        )
+    }
+
+    /// The domain types the host's capabilities offer.
+    pub fn offered_domain_kinds(&self) -> Result<Vec<DomainKind>, ActuatorError> {
+        let capabilities = self.call("read capabilities", |connection| {
+            connection.get_capabilities()
+        })?;
+        Ok(domain_xml::parse_domain_kinds(&capabilities)?)
+    }
+}
+
 /// A guest channel carried by a libvirt stream.
 #[derive(Debug)]
 struct LibvirtChannel {

@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::SiteLabel;
 
+/// Where a pool deskgrid creates keeps its files: beside libvirt's own images.
+pub const DEFAULT_POOL_PATH: &str = "/var/lib/libvirt/images/deskgrid";
 /// The UDP port deskgrid's QUIC peer traffic uses unless configured otherwise.
 pub const DEFAULT_PEER_PORT: u16 = 7443;
 /// The most seed addresses a config may list: seeds are only a first contact.
@@ -63,6 +65,10 @@ pub struct LibvirtSettings {
     pub uri: String,
     /// The storage pool for base images and desktop disks.
     pub pool: String,
+    /// Where the pool keeps its files when deskgrid has to create it.
+    pub pool_path: String,
+    /// The libvirt network desktop VMs attach to.
+    pub network: String,
     pub domain_type: DomainType,
 }
 
@@ -71,7 +77,26 @@ impl Default for LibvirtSettings {
         Self {
             uri: "qemu:///system".to_owned(),
             pool: "deskgrid".to_owned(),
+            pool_path: DEFAULT_POOL_PATH.to_owned(),
+            network: "default".to_owned(),
             domain_type: DomainType::Auto,
+        }
+    }
+}
+
+impl LibvirtSettings {
+    /// The actuator's view of these settings.
+    pub fn libvirt_options(&self) -> crate::actuator::libvirt::LibvirtOptions {
+        use crate::actuator::DomainKind;
+        crate::actuator::libvirt::LibvirtOptions {
+            uri: self.uri.clone(),
+            pool: self.pool.clone(),
+            pool_path: self.pool_path.clone(),
+            domain_kind: match self.domain_type {
+                DomainType::Auto => None,
+                DomainType::Kvm => Some(DomainKind::Kvm),
+                DomainType::Qemu => Some(DomainKind::Qemu),
+            },
         }
     }
 }
@@ -147,6 +172,15 @@ impl Config {
                 self.libvirt.uri
             ));
         }
+        if !self.libvirt.pool_path.starts_with('/') {
+            return Err(format!(
+                "libvirt.pool_path {:?} must be an absolute path",
+                self.libvirt.pool_path
+            ));
+        }
+        if self.libvirt.network.is_empty() || self.libvirt.network.len() > 64 {
+            return Err("libvirt.network must be 1 to 64 characters".to_owned());
+        }
         crate::model::SiteLabel::new(self.libvirt.pool.clone()).map_err(|_| {
             format!(
                 "libvirt.pool {:?} is not a valid pool name",
@@ -192,6 +226,11 @@ uri = {uri:?}
 # Storage pool for base images and desktop disks (created when missing).
 # Default: "deskgrid".
 pool = {pool:?}
+# Directory of the pool when deskgrid creates it.
+# Default: "{DEFAULT_POOL_PATH}".
+pool_path = {pool_path:?}
+# libvirt network the desktops' network cards attach to. Default: "default".
+network = {network:?}
 # "kvm", "qemu" (software emulation, slow) or "auto" (kvm when the host
 # offers it). Default: "auto".
 domain_type = "{domain_type}"
@@ -201,6 +240,8 @@ domain_type = "{domain_type}"
             listen = self.server.listen,
             uri = self.libvirt.uri,
             pool = self.libvirt.pool,
+            pool_path = self.libvirt.pool_path,
+            network = self.libvirt.network,
             domain_type = match self.libvirt.domain_type {
                 DomainType::Auto => "auto",
                 DomainType::Kvm => "kvm",

@@ -65,17 +65,27 @@ pub async fn serve(data_dir: DataDir) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     tracing::info!(path = %socket_path.display(), "control socket listening");
+    let host_worker = tokio::spawn(crate::service::host_worker::run(
+        appliance.config.libvirt.libvirt_options(),
+        Arc::clone(&appliance.service),
+        shutdown.clone(),
+    ));
+    tracing::info!(uri = %appliance.config.libvirt.uri, "host worker started");
     tracing::info!("deskgrid server running; stop it with SIGTERM or Ctrl-C");
 
     wait_for_stop_signal().await?;
     tracing::info!("stopping");
     // Receivers only stop listening when they are gone; nothing to handle.
     let _ = shutdown_sender.send(true);
-    if tokio::time::timeout(SHUTDOWN_DEADLINE, control)
+    let stopping = async {
+        let _ = control.await;
+        let _ = host_worker.await;
+    };
+    if tokio::time::timeout(SHUTDOWN_DEADLINE, stopping)
         .await
         .is_err()
     {
-        tracing::warn!("control socket did not stop within the deadline");
+        tracing::warn!("workers did not stop within the deadline");
     }
     if let Err(error) = std::fs::remove_file(&socket_path) {
         tracing::warn!(path = %socket_path.display(), error = %error, "cannot remove the control socket");

@@ -64,6 +64,39 @@ pub enum Command {
     /// Inspect or maintain the grid state files.
     #[command(subcommand)]
     State(StateCommand),
+
+    /// This server's host: is it ready for desktops?
+    #[command(subcommand)]
+    Host(HostCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HostCommand {
+    /// Check that this host can run desktops: libvirt reachable (and its
+    /// version), KVM or software emulation, the storage pool and its free
+    /// space, the network. Says what to do about each problem, and exits
+    /// non-zero when something blocks desktops. Uses config.toml when the
+    /// data directory has one; the options override it. Changes nothing.
+    Check(HostCheckArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct HostCheckArgs {
+    /// libvirt URI to check [default: from config.toml, else qemu:///system].
+    #[arg(long, value_name = "URI")]
+    pub libvirt: Option<String>,
+
+    /// Storage pool to check [default: from config.toml, else deskgrid].
+    #[arg(long, value_name = "NAME")]
+    pub pool: Option<String>,
+
+    /// libvirt network to check [default: from config.toml, else default].
+    #[arg(long, value_name = "NAME")]
+    pub network: Option<String>,
+
+    /// Domain type to check [default: from config.toml, else auto].
+    #[arg(long, value_enum)]
+    pub domain_type: Option<DomainType>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -97,6 +130,14 @@ pub struct InitArgs {
     /// libvirt storage pool for base images and desktop disks.
     #[arg(long, value_name = "NAME", default_value = "deskgrid")]
     pub pool: String,
+
+    /// Directory of the pool when deskgrid creates it.
+    #[arg(long, value_name = "DIR", default_value = crate::appliance::config::DEFAULT_POOL_PATH)]
+    pub pool_path: String,
+
+    /// libvirt network the desktops attach to.
+    #[arg(long, value_name = "NAME", default_value = "default")]
+    pub network: String,
 
     /// Site label: servers with the same label are near each other.
     #[arg(long, value_name = "LABEL", default_value = "default")]
@@ -170,6 +211,32 @@ fn run(cli: Cli, output: &Output) -> anyhow::Result<ExitCode> {
             output.state_check(&data_dir.state_dir(), &report, running);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Host(HostCommand::Check(args)) => {
+            let mut settings = if data_dir.is_initialised() {
+                Config::load(&data_dir.config_file())?.libvirt
+            } else {
+                LibvirtSettings::default()
+            };
+            if let Some(uri) = args.libvirt {
+                settings.uri = uri;
+            }
+            if let Some(pool) = args.pool {
+                settings.pool = pool;
+            }
+            if let Some(network) = args.network {
+                settings.network = network;
+            }
+            if let Some(domain_type) = args.domain_type {
+                settings.domain_type = domain_type;
+            }
+            let report = crate::service::host_check::check_host(&settings);
+            output.host_check(&report);
+            Ok(if report.ready() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         Command::State(StateCommand::Compact) => {
             data_dir.require_initialised()?;
             match control_socket::call(
@@ -203,6 +270,8 @@ fn init(data_dir: &DataDir, args: InitArgs, output: &Output) -> anyhow::Result<E
         libvirt: LibvirtSettings {
             uri: args.libvirt,
             pool: args.pool,
+            pool_path: args.pool_path,
+            network: args.network,
             domain_type: args.domain_type,
         },
     };

@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use crate::appliance::data_dir::DataDir;
 use crate::model::ServerId;
+use crate::service::host_check::{CheckStatus, HostCheckReport};
 use crate::service::{StateSummary, StatusReport};
 use crate::state::RecoveryReport;
 
@@ -73,9 +74,51 @@ impl Output {
                 println!("site     {}", status.site);
                 println!("version  {}", status.software_version);
                 println!("uptime   {}s", status.uptime_ms / 1000);
+                let capacity = &status.capacity;
+                if capacity.cpus == 0 {
+                    println!("host     not reached yet (see the server's log)");
+                } else {
+                    println!(
+                        "host     {} CPUs, {} of {} MiB memory free, {} of {} GiB storage free",
+                        capacity.cpus,
+                        capacity.memory_free_mib,
+                        capacity.memory_total_mib,
+                        capacity.storage_free_bytes >> 30,
+                        capacity.storage_total_bytes >> 30
+                    );
+                }
                 print_summary(&status.state);
             }
             OutputFormat::Json => self.json(status),
+        }
+    }
+
+    pub fn host_check(&self, report: &HostCheckReport) {
+        match self.format {
+            OutputFormat::Text => {
+                println!("host check of {}", report.libvirt_uri);
+                for item in &report.checks {
+                    let mark = match item.status {
+                        CheckStatus::Ok => "ok      ",
+                        CheckStatus::Warning => "WARNING ",
+                        CheckStatus::Blocking => "BLOCKING",
+                    };
+                    println!("  {mark} {:<14} {}", item.check, item.found);
+                    if let Some(fix) = &item.fix {
+                        println!("  {:<8} {:<14} fix: {fix}", "", "");
+                    }
+                }
+                if report.ready() {
+                    println!("ready: this host can run desktops");
+                } else {
+                    println!("not ready: fix the BLOCKING items above");
+                }
+            }
+            OutputFormat::Json => self.json(&serde_json::json!({
+                "ready": report.ready(),
+                "libvirt_uri": report.libvirt_uri,
+                "checks": report.checks,
+            })),
         }
     }
 

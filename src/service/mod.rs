@@ -4,12 +4,15 @@
 //! Every change goes the same way: build the delta, append it to the log
 //! (durable), then apply it in memory. Nothing in memory is ahead of disk.
 
+pub mod host_check;
+pub mod host_worker;
+
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
 use crate::appliance::config::Config;
-use crate::model::{ServerId, ServerRecord};
+use crate::model::{HostCapacity, ServerId, ServerRecord};
 use crate::state::{
     Delta, GridState, HlcClock, MergeError, RecoveryReport, StateStore, StoreError,
 };
@@ -31,6 +34,8 @@ pub struct StatusReport {
     pub site: String,
     pub software_version: String,
     pub uptime_ms: u64,
+    /// The host as last published (all zero until libvirt answered).
+    pub capacity: HostCapacity,
     pub state: StateSummary,
 }
 
@@ -105,6 +110,26 @@ impl GridService {
         self.commit(delta)
     }
 
+    /// Records the host's capacity in this server's record, when it changed
+    /// enough to matter to the balancers. Returns whether it wrote.
+    pub fn publish_capacity(&mut self, capacity: HostCapacity) -> Result<bool, ServiceError> {
+        let Some(mut record) = self.state.server(self.server_id).cloned() else {
+            return Ok(false);
+        };
+        if !capacity_changed(&record.capacity, &capacity) {
+            return Ok(false);
+        }
+        let now = now_ms();
+        record.capacity = capacity;
+        record.updated_at_ms = now;
+        let hlc = self.clock.tick(now);
+        let delta = self
+            .state
+            .prepare_server_update(self.server_id, hlc, record)?;
+        self.commit(delta)?;
+        Ok(true)
+    }
+
     /// Persists a prepared delta, then applies it.
     fn commit(&mut self, delta: Delta) -> Result<(), ServiceError> {
         if self.store.compaction_incomplete() {
@@ -139,6 +164,9 @@ impl GridService {
                 .unwrap_or_default(),
             software_version: env!("CARGO_PKG_VERSION").to_owned(),
             uptime_ms: now_ms().saturating_sub(self.started_at_ms),
+            capacity: own
+                .map(|record| record.capacity.clone())
+                .unwrap_or_default(),
             state: self.summary(),
         }
     }
@@ -154,6 +182,18 @@ impl GridService {
             log_bytes: self.store.log_bytes(),
         }
     }
+}
+
+/// Free memory and space move all the time; only changes the balancers would
+/// act on are written (and gossiped): 256 MiB of memory, 1 GiB of storage.
+fn capacity_changed(old: &HostCapacity, new: &HostCapacity) -> bool {
+    const MEMORY_STEP_MIB: u64 = 256;
+    const STORAGE_STEP_BYTES: u64 = 1 << 30;
+    old.cpus != new.cpus
+        || old.memory_total_mib != new.memory_total_mib
+        || old.storage_total_bytes != new.storage_total_bytes
+        || old.memory_free_mib.abs_diff(new.memory_free_mib) >= MEMORY_STEP_MIB
+        || old.storage_free_bytes.abs_diff(new.storage_free_bytes) >= STORAGE_STEP_BYTES
 }
 
 /// Unix milliseconds from the wall clock (the shells read time; the core takes it).
