@@ -31,3 +31,5 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 }
 /// The actualization engine: the host, through libvirt.
 pub mod actuator;
+/// The federation engine: identity, join, QUIC, membership, dissemination.
+pub mod federation;

@@ -68,3 +68,9 @@ uuid_id!(
     SessionId,
     "session"
 );
+uuid_id!(
+    /// A grid: every server of one grid carries its id, created by
+    /// `deskgrid init --new-grid`.
+    GridId,
+    "grid"
+);

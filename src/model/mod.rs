@@ -13,7 +13,7 @@ mod server;
 mod template;
 mod users;
 
-pub use ids::{ServerId, SessionId, VmId};
+pub use ids::{GridId, ServerId, SessionId, VmId};
 pub use image::{BaseImage, ImageDigest, ImageState};
 pub use names::{GroupName, ImageVersionId, Name, SiteLabel, TemplateName, UserName};
 pub use policy::Policy;
