@@ -1,3 +1,6 @@
 //! The federation engine: what makes appliances one grid. Grid identity and
 //! authenticated join, QUIC between peers with mutual TLS, SWIM membership,
 //! state dissemination, and discovery by seed address and mDNS.
+
+pub mod dissemination;
+pub mod protocol;
