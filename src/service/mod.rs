@@ -4,6 +4,7 @@
 //! Every change goes the same way: build the delta, append it to the log
 //! (durable), then apply it in memory. Nothing in memory is ahead of disk.
 
+pub mod accounts;
 pub mod host_check;
 pub mod host_worker;
 

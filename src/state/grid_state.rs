@@ -411,6 +411,44 @@ impl GridState {
         Ok(changed)
     }
 
+    /// The part of `delta` that would change this replica: its entries that
+    /// win here, with its vectors kept (so applying the result moves the
+    /// version vector exactly as applying `delta` would). Lets a server skip
+    /// logging what it already has.
+    pub fn novel_part(&self, delta: &Delta) -> Delta {
+        let config = delta
+            .config
+            .iter()
+            .filter(|(key, entry)| {
+                self.config
+                    .get(key)
+                    .is_none_or(|current| config_wins(entry, current))
+            })
+            .cloned()
+            .collect();
+        let servers = delta
+            .servers
+            .iter()
+            .filter(|(server, entry)| {
+                self.servers
+                    .get(server)
+                    .is_none_or(|current| server_wins(entry, current))
+            })
+            .cloned()
+            .collect();
+        Delta {
+            since: delta.since.clone(),
+            upto: delta.upto.clone(),
+            config,
+            servers,
+        }
+    }
+
+    /// True when applying a delta with these vectors would raise ours.
+    pub fn would_advance(&self, delta: &Delta) -> bool {
+        self.seen.dominates(&delta.since) && !self.seen.dominates(&delta.upto)
+    }
+
     /// Merges another whole replica into this one (`self ⊔ other`).
     pub fn join(&mut self, other: &GridState) {
         for (key, entry) in &other.config {
@@ -530,6 +568,26 @@ fn single(origin: ServerId, seq: u64) -> VersionVector {
     vector
 }
 
+/// Whether `incoming` beats `current` in a configuration register: the higher
+/// stamp wins. Honest servers never reuse (origin, seq); if a broken one does,
+/// the canonical bytes still pick the same winner everywhere.
+fn config_wins(incoming: &ConfigEntry, current: &ConfigEntry) -> bool {
+    match incoming.stamp.cmp(&current.stamp) {
+        Ordering::Greater => true,
+        Ordering::Less => false,
+        Ordering::Equal => canonical_bytes(&incoming.value) > canonical_bytes(&current.value),
+    }
+}
+
+/// Whether `incoming` beats `current` as a server's record: higher version.
+fn server_wins(incoming: &ServerEntry, current: &ServerEntry) -> bool {
+    match (incoming.version, incoming.hlc).cmp(&(current.version, current.hlc)) {
+        Ordering::Greater => true,
+        Ordering::Less => false,
+        Ordering::Equal => canonical_bytes(&incoming.record) > canonical_bytes(&current.record),
+    }
+}
+
 /// Keeps the higher of two writes under `key`; true when `incoming` won.
 fn merge_config_entry(
     config: &mut BTreeMap<ConfigKey, ConfigEntry>,
@@ -537,24 +595,14 @@ fn merge_config_entry(
     incoming: &ConfigEntry,
 ) -> bool {
     match config.get_mut(key) {
+        Some(current) if !config_wins(incoming, current) => false,
+        Some(current) => {
+            *current = incoming.clone();
+            true
+        }
         None => {
             config.insert(key.clone(), incoming.clone());
             true
-        }
-        Some(current) => {
-            let incoming_wins = match incoming.stamp.cmp(&current.stamp) {
-                Ordering::Greater => true,
-                Ordering::Less => false,
-                // Honest servers never reuse (origin, seq); if a broken one does,
-                // still pick the same winner everywhere.
-                Ordering::Equal => {
-                    canonical_bytes(&incoming.value) > canonical_bytes(&current.value)
-                }
-            };
-            if incoming_wins {
-                *current = incoming.clone();
-            }
-            incoming_wins
         }
     }
 }
@@ -566,23 +614,14 @@ fn merge_server_entry(
     incoming: &ServerEntry,
 ) -> bool {
     match servers.get_mut(&server) {
+        Some(current) if !server_wins(incoming, current) => false,
+        Some(current) => {
+            *current = incoming.clone();
+            true
+        }
         None => {
             servers.insert(server, incoming.clone());
             true
-        }
-        Some(current) => {
-            let incoming_wins =
-                match (incoming.version, incoming.hlc).cmp(&(current.version, current.hlc)) {
-                    Ordering::Greater => true,
-                    Ordering::Less => false,
-                    Ordering::Equal => {
-                        canonical_bytes(&incoming.record) > canonical_bytes(&current.record)
-                    }
-                };
-            if incoming_wins {
-                *current = incoming.clone();
-            }
-            incoming_wins
         }
     }
 }
