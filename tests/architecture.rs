@@ -134,9 +134,10 @@ const LAYER_RULES: &[LayerRule] = &[
             Module("transfer"),
             Module("desktop"),
             PathPrefix(&["appliance", "config"]),
+            PathPrefix(&["appliance", "data_dir"]),
         ],
-        rule: "`service` depends on the core, the adapters and `appliance::config`, \
-               never on the faces (`api`, `cli`, `console`)",
+        rule: "`service` depends on the core, the adapters, `appliance::config` and \
+               `appliance::data_dir`, never on the faces (`api`, `cli`, `console`)",
     },
     LayerRule {
         module: "api",
@@ -994,7 +995,7 @@ use crate::appliance::config::Config;
     assert_eq!(
         violations(
             "src/service/mod.rs",
-            "//! Service.\nuse crate::appliance::config::Config;\nuse crate::appliance::data_dir::DataDir;\n"
+            "//! Service.\nuse crate::appliance::config::Config;\nuse crate::appliance::Appliance;\n"
         )
         .iter()
         .map(|violation| violation.line)

@@ -38,6 +38,7 @@ pub struct ControlRequest {
 pub enum ControlCommand {
     Status,
     CompactState,
+    CreateJoinToken { ttl_seconds: u64, uses: u32 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,6 +46,7 @@ pub enum ControlCommand {
 pub enum ControlReply {
     Status(StatusReport),
     Compacted(StateSummary),
+    JoinToken { token: String, expires_at_ms: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -218,6 +220,15 @@ fn execute(service: &Mutex<GridService>, command: ControlCommand) -> ControlResp
     };
     match command {
         ControlCommand::Status => ControlResponse::Ok(ControlReply::Status(service.status())),
+        ControlCommand::CreateJoinToken { ttl_seconds, uses } => {
+            match service.create_join_token(Duration::from_secs(ttl_seconds), uses) {
+                Ok((token, expires_at_ms)) => ControlResponse::Ok(ControlReply::JoinToken {
+                    token: token.to_string(),
+                    expires_at_ms,
+                }),
+                Err(error) => ControlResponse::Error(crate::error_chain(&error)),
+            }
+        }
         ControlCommand::CompactState => match service.compact() {
             Ok(summary) => ControlResponse::Ok(ControlReply::Compacted(summary)),
             Err(error) => ControlResponse::Error(crate::error_chain(&error)),

@@ -86,6 +86,16 @@ impl DataDir {
     /// Creates the directory tree (mode 0700: it holds keys and user data),
     /// a new server id and `config.toml`. Refuses an initialised directory.
     pub fn create(&self, config_text: &str) -> Result<ServerId, DataDirError> {
+        self.create_with_id(config_text, ServerId::random())
+    }
+
+    /// As [`create`](Self::create), for a server whose id is already chosen
+    /// (a joining server's id is in the certificate the grid issued).
+    pub fn create_with_id(
+        &self,
+        config_text: &str,
+        server_id: ServerId,
+    ) -> Result<ServerId, DataDirError> {
         if self.is_initialised() {
             return Err(DataDirError::AlreadyInitialised {
                 path: self.root.clone(),
@@ -103,7 +113,6 @@ impl DataDir {
                 .create(&dir)
                 .map_err(io_error(&dir, "create directory"))?;
         }
-        let server_id = ServerId::random();
         write_file_atomically(
             &self.server_id_file(),
             format!("{server_id}\n").as_bytes(),
@@ -112,6 +121,17 @@ impl DataDir {
         // config.toml last: its presence is what marks the directory initialised.
         write_file_atomically(&self.config_file(), config_text.as_bytes(), 0o600)?;
         Ok(server_id)
+    }
+
+    /// Refuses a directory that already holds a server.
+    pub fn require_uninitialised(&self) -> Result<(), DataDirError> {
+        if self.is_initialised() {
+            Err(DataDirError::AlreadyInitialised {
+                path: self.root.clone(),
+            })
+        } else {
+            Ok(())
+        }
     }
 
     pub fn require_initialised(&self) -> Result<(), DataDirError> {

@@ -44,6 +44,8 @@ pub async fn serve(data_dir: DataDir) -> anyhow::Result<()> {
             .await
             .context("state recovery stopped")?
             .context("cannot recover the grid state")?;
+    // Subscribed before the first write, so the federation sends it too.
+    let changes = service.subscribe_changes();
     service
         .publish_own_record(&config)
         .context("cannot record this server in the grid state")?;
@@ -71,6 +73,24 @@ pub async fn serve(data_dir: DataDir) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     tracing::info!(uri = %appliance.config.libvirt.uri, "host worker started");
+    let federation = match federation_endpoint(&appliance)? {
+        Some(endpoint) => {
+            tracing::info!(listen = %appliance.config.server.listen, "federation listening (QUIC)");
+            Some(tokio::spawn(crate::federation::node::run(
+                endpoint,
+                Arc::new(crate::service::grid::FederatedService(Arc::clone(
+                    &appliance.service,
+                ))),
+                changes,
+                crate::federation::node::NodeSettings::default(),
+                shutdown.clone(),
+            )))
+        }
+        None => {
+            tracing::info!("not in a grid (no grid certificate): running standalone; `deskgrid join` or `init --new-grid` makes a grid member");
+            None
+        }
+    };
     tracing::info!("deskgrid server running; stop it with SIGTERM or Ctrl-C");
 
     wait_for_stop_signal().await?;
@@ -80,6 +100,9 @@ pub async fn serve(data_dir: DataDir) -> anyhow::Result<()> {
     let stopping = async {
         let _ = control.await;
         let _ = host_worker.await;
+        if let Some(federation) = federation {
+            let _ = federation.await;
+        }
     };
     if tokio::time::timeout(SHUTDOWN_DEADLINE, stopping)
         .await
@@ -103,4 +126,53 @@ async fn wait_for_stop_signal() -> anyhow::Result<()> {
         _ = interrupt.recv() => tracing::info!("SIGINT received"),
     }
     Ok(())
+}
+
+fn lock_service(service: &Mutex<GridService>) -> std::sync::MutexGuard<'_, GridService> {
+    service
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The grid identity from `tls/` and a QUIC endpoint bound with it, or
+/// `None` for a server that is in no grid.
+fn federation_endpoint(
+    appliance: &Appliance,
+) -> anyhow::Result<Option<Arc<crate::federation::transport::PeerEndpoint>>> {
+    use crate::federation::identity::{IdentityError, TlsFiles};
+    use crate::federation::transport::{PeerEndpoint, Revocations, TlsMaterial};
+    use anyhow::Context as _;
+
+    let loaded = match TlsFiles::new(appliance.data_dir.tls_dir()).load() {
+        Ok(loaded) => loaded,
+        Err(IdentityError::NoIdentity { .. }) => return Ok(None),
+        Err(error) => return Err(error).context("cannot load this server's grid identity"),
+    };
+    let server_id = appliance.data_dir.server_id()?;
+    if loaded.server_id != server_id {
+        anyhow::bail!(
+            "the certificate in {} is for server {}, but this data directory is server {server_id}",
+            appliance.data_dir.tls_dir().display(),
+            loaded.server_id
+        );
+    }
+    let material = TlsMaterial {
+        ca_cert: loaded.ca_cert_der.clone(),
+        cert_chain: loaded.server_certificate_chain(),
+        key: loaded.server_private_key(),
+    };
+    let revocations = Revocations::default();
+    revocations.replace_all(lock_service(&appliance.service).revoked_servers());
+    let endpoint = PeerEndpoint::bind(appliance.config.server.listen, material, revocations)
+        .with_context(|| {
+            format!(
+                "cannot listen for peers on {}",
+                appliance.config.server.listen
+            )
+        })?;
+    if let Some(grid_ca) = loaded.grid_ca {
+        lock_service(&appliance.service).set_grid_ca(grid_ca);
+    }
+    tracing::info!(grid = %loaded.grid_id, "grid identity loaded");
+    Ok(Some(Arc::new(endpoint)))
 }

@@ -6,6 +6,7 @@
 //! work on the files directly.
 
 mod output;
+mod setup;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -15,12 +16,9 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 use crate::api::control_socket::{self, ControlCommand, ControlReply};
-use crate::appliance::config::{
-    Config, DomainType, LibvirtSettings, ServerSettings, DEFAULT_PEER_PORT,
-};
+use crate::appliance::config::{Config, DomainType, LibvirtSettings, DEFAULT_PEER_PORT};
 use crate::appliance::data_dir::{DataDir, DEFAULT_DATA_DIR};
 use crate::model::SiteLabel;
-use crate::service::GridService;
 use output::{Output, OutputFormat};
 
 /// deskgrid: a shared-nothing desktop-virtualization grid.
@@ -53,6 +51,16 @@ pub enum Command {
     /// Set up this server: create the data directory, a server id and a
     /// commented config.toml. Run once per server, before `serve`.
     Init(InitArgs),
+
+    /// Join an existing grid through any of its servers, with a join token.
+    /// Creates this server's data directory like `init`, verifies the grid's
+    /// certificate authority against the token before revealing the token's
+    /// secret, and receives a certificate and the grid state.
+    Join(JoinArgs),
+
+    /// Join tokens for new servers (asks the running server).
+    #[command(subcommand)]
+    Token(TokenCommand),
 
     /// Run this server until SIGTERM or Ctrl-C. Logs go to stderr (RUST_LOG
     /// sets the level, default info).
@@ -114,6 +122,67 @@ pub enum StateCommand {
 
 #[derive(Debug, clap::Args)]
 pub struct InitArgs {
+    /// Create a new grid with this server as its first member: a grid id, the
+    /// grid's certificate authority, this server's certificate and the first
+    /// admin account.
+    #[arg(long)]
+    pub new_grid: bool,
+
+    /// Login name of the first admin (with --new-grid).
+    #[arg(
+        long,
+        value_name = "NAME",
+        default_value = "admin",
+        requires = "new_grid"
+    )]
+    pub admin_user: crate::model::UserName,
+
+    /// Read the first admin's password from this file (with --new-grid);
+    /// without it the password is read from standard input, or asked for
+    /// when standard input is a terminal. Never give it on the command line.
+    #[arg(long, value_name = "FILE", requires = "new_grid")]
+    pub admin_password_file: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub settings: ServerSettingsArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct JoinArgs {
+    /// Address (HOST:PORT) of any server of the grid.
+    #[arg(value_name = "SEED_ADDRESS")]
+    pub seed: String,
+
+    /// The join token from `deskgrid token create` on a grid member.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "DESKGRID_JOIN_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: String,
+
+    #[command(flatten)]
+    pub settings: ServerSettingsArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a join token: a new server joins with
+    /// `deskgrid join SEED --token TOKEN`. The token pins this grid's
+    /// certificate authority and carries a secret; only its hash is stored.
+    Create {
+        /// How long the token admits servers (e.g. 30m, 2h, 7d).
+        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = setup::parse_duration)]
+        ttl: std::time::Duration,
+        /// How many servers may join with it.
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        uses: u32,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServerSettingsArgs {
     /// Name shown in the consoles [default: this machine's host name].
     #[arg(long)]
     pub name: Option<String>,
@@ -180,7 +249,26 @@ fn init_logging(serving: bool) {
 fn run(cli: Cli, output: &Output) -> anyhow::Result<ExitCode> {
     let data_dir = DataDir::new(cli.data_dir.clone());
     match cli.command {
-        Command::Init(args) => init(&data_dir, args, output),
+        Command::Init(args) => setup::init(&data_dir, args, output),
+        Command::Join(args) => setup::join(&data_dir, args, output),
+        Command::Token(TokenCommand::Create { ttl, uses }) => {
+            data_dir.require_initialised()?;
+            match control_socket::call(
+                &data_dir.control_socket(),
+                data_dir.root(),
+                ControlCommand::CreateJoinToken {
+                    ttl_seconds: ttl.as_secs(),
+                    uses,
+                },
+            )? {
+                ControlReply::JoinToken {
+                    token,
+                    expires_at_ms,
+                } => output.join_token(&token, expires_at_ms, uses),
+                other => anyhow::bail!("unexpected answer from the server: {other:?}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Serve => {
             let runtime =
                 tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
@@ -250,40 +338,4 @@ fn run(cli: Cli, output: &Output) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-fn init(data_dir: &DataDir, args: InitArgs, output: &Output) -> anyhow::Result<ExitCode> {
-    let name = match args.name {
-        Some(name) => name,
-        None => nix::unistd::gethostname()
-            .ok()
-            .and_then(|name| name.into_string().ok())
-            .unwrap_or_else(|| "deskgrid".to_owned()),
-    };
-    let config = Config {
-        server: ServerSettings {
-            name,
-            site: args.site,
-            listen: args.listen,
-            seeds: args.seeds,
-        },
-        libvirt: LibvirtSettings {
-            uri: args.libvirt,
-            pool: args.pool,
-            pool_path: args.pool_path,
-            network: args.network,
-            domain_type: args.domain_type,
-        },
-    };
-    config
-        .validate()
-        .map_err(|problem| anyhow::anyhow!("invalid setting: {problem}"))?;
-    let server_id = data_dir.create(&config.to_commented_toml())?;
-    let (mut service, _) = GridService::open(server_id, &data_dir.state_dir())
-        .context("cannot create the grid state")?;
-    service
-        .publish_own_record(&config)
-        .context("cannot record this server in the grid state")?;
-    output.initialised(data_dir, server_id);
-    Ok(ExitCode::SUCCESS)
 }

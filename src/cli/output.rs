@@ -5,7 +5,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::appliance::data_dir::DataDir;
-use crate::model::ServerId;
+use crate::model::{GridId, ServerId, UserName};
 use crate::service::host_check::{CheckStatus, HostCheckReport};
 use crate::service::{StateSummary, StatusReport};
 use crate::state::RecoveryReport;
@@ -43,13 +43,23 @@ impl Output {
         }
     }
 
-    pub fn initialised(&self, data_dir: &DataDir, server_id: ServerId) {
+    pub fn initialised(
+        &self,
+        data_dir: &DataDir,
+        server_id: ServerId,
+        grid_id: Option<GridId>,
+        admin: Option<&UserName>,
+    ) {
         match self.format {
             OutputFormat::Text => {
                 println!(
                     "initialised {} (server id {server_id})",
                     data_dir.root().display()
                 );
+                if let (Some(grid_id), Some(admin)) = (grid_id, admin) {
+                    println!("created grid {grid_id} with admin {admin:?}");
+                    println!("add servers: `deskgrid token create` here, then `deskgrid join THIS_ADDRESS --token TOKEN` there");
+                }
                 println!(
                     "settings: {} (commented; edit, then restart)",
                     data_dir.config_file().display()
@@ -62,7 +72,43 @@ impl Output {
             OutputFormat::Json => self.json(&serde_json::json!({
                 "data_dir": data_dir.root(),
                 "server_id": server_id,
+                "grid_id": grid_id,
                 "config_file": data_dir.config_file(),
+            })),
+        }
+    }
+
+    pub fn joined(&self, data_dir: &DataDir, server_id: ServerId, grid_id: GridId, seed: &str) {
+        match self.format {
+            OutputFormat::Text => {
+                println!("joined grid {grid_id} through {seed} as server {server_id}");
+                println!(
+                    "next: deskgrid serve --data-dir {}",
+                    data_dir.root().display()
+                );
+            }
+            OutputFormat::Json => self.json(&serde_json::json!({
+                "data_dir": data_dir.root(),
+                "server_id": server_id,
+                "grid_id": grid_id,
+                "seed": seed,
+            })),
+        }
+    }
+
+    pub fn join_token(&self, token: &str, expires_at_ms: u64, uses: u32) {
+        match self.format {
+            OutputFormat::Text => {
+                println!("{token}");
+                eprintln!(
+                    "valid for {uses} join(s) until {} (unix ms); on the new server: deskgrid join THIS_SERVER:PORT --token TOKEN",
+                    expires_at_ms
+                );
+            }
+            OutputFormat::Json => self.json(&serde_json::json!({
+                "token": token,
+                "expires_at_ms": expires_at_ms,
+                "uses": uses,
             })),
         }
     }

@@ -2,5 +2,10 @@
 //! authenticated join, QUIC between peers with mutual TLS, SWIM membership,
 //! state dissemination, and discovery by seed address and mDNS.
 
+pub mod discovery;
 pub mod dissemination;
+pub mod identity;
+pub mod join_token;
+pub mod node;
 pub mod protocol;
+pub mod transport;

@@ -34,7 +34,7 @@ pub enum PeerRequest {
 }
 
 /// What a joining server sends once it has checked the grid's CA.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct JoinRequest {
     /// The token's secret, hex; revealed only after the CA pin matched.
     pub secret_hex: String,
@@ -45,8 +45,20 @@ pub struct JoinRequest {
     pub record: ServerRecord,
 }
 
+impl std::fmt::Debug for JoinRequest {
+    /// The secret never reaches a log.
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("JoinRequest")
+            .field("secret_hex", &"<redacted>")
+            .field("server_id", &self.server_id)
+            .field("record", &self.record)
+            .finish_non_exhaustive()
+    }
+}
+
 /// What a joiner receives.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct JoinGrant {
     pub grid_id: GridId,
     pub certificate_pem: String,
@@ -57,6 +69,18 @@ pub struct JoinGrant {
     pub state: Delta,
 }
 
+impl std::fmt::Debug for JoinGrant {
+    /// The CA key never reaches a log.
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("JoinGrant")
+            .field("grid_id", &self.grid_id)
+            .field("ca_key_pem", &"<redacted>")
+            .field("state_entries", &self.state.len())
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum PeerResponse {
@@ -64,9 +88,12 @@ pub enum PeerResponse {
     Merged {
         changed: usize,
     },
-    /// What the asker lacked.
+    /// What the asker lacked, and the answerer's own vector, so the asker
+    /// can push back what the answerer lacks (push-pull anti-entropy).
     State {
         delta: Delta,
+        #[serde(default)]
+        vector: VersionVector,
     },
     Joined(Box<JoinGrant>),
     /// Refused, with a reason for an operator.

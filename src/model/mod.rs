@@ -19,7 +19,7 @@ pub use names::{GroupName, ImageVersionId, Name, SiteLabel, TemplateName, UserNa
 pub use policy::Policy;
 pub use server::{HostCapacity, ImageHolding, ServerRecord, SessionRecord, VmRecord, VmState};
 pub use template::{DisplayProtocol, Template, TemplateKind};
-pub use users::{Entitlement, EntitlementSubject, Group, JoinToken, Role, User};
+pub use users::{Entitlement, EntitlementSubject, Group, JoinToken, Role, User, MAX_TOKEN_USES};
 
 /// Why a value was refused at the edge of the model.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

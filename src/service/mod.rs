@@ -5,8 +5,10 @@
 //! (durable), then apply it in memory. Nothing in memory is ahead of disk.
 
 pub mod accounts;
+pub mod grid;
 pub mod host_check;
 pub mod host_worker;
+pub mod setup;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -18,6 +20,10 @@ use crate::state::{
     Delta, GridState, HlcClock, MergeError, RecoveryReport, StateStore, StoreError,
 };
 
+/// Local changes queued for the federation before the oldest are dropped
+/// (anti-entropy then brings peers up to date).
+const CHANGE_QUEUE: usize = 1024;
+
 /// Why a service call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -25,6 +31,10 @@ pub enum ServiceError {
     Store(#[from] StoreError),
     #[error("the change was refused")]
     Refused(#[from] MergeError),
+    #[error("this server is not in a grid: create one with `deskgrid init --new-grid` or join one with `deskgrid join`")]
+    NotInAGrid,
+    #[error("{0}")]
+    Grid(String),
 }
 
 /// What `deskgrid status` shows.
@@ -61,6 +71,11 @@ pub struct GridService {
     store: StateStore,
     clock: HlcClock,
     started_at_ms: u64,
+    /// The grid's CA (with its key), when this server is in a grid.
+    grid_ca: Option<crate::federation::identity::GridCa>,
+    /// Every delta committed here, local or learnt, for the federation to
+    /// send on; receivers that fall behind miss some and anti-entropy heals.
+    changes: tokio::sync::broadcast::Sender<Delta>,
 }
 
 impl GridService {
@@ -77,6 +92,8 @@ impl GridService {
             store,
             clock,
             started_at_ms: now_ms(),
+            grid_ca: None,
+            changes: tokio::sync::broadcast::channel(CHANGE_QUEUE).0,
         };
         Ok((service, report))
     }
@@ -131,14 +148,22 @@ impl GridService {
         Ok(true)
     }
 
-    /// Persists a prepared delta, then applies it.
+    /// Persists a delta made here, applies it, and hands it to the federation.
     fn commit(&mut self, delta: Delta) -> Result<(), ServiceError> {
+        self.persist(&delta)?;
+        // No receiver (a standalone server) is not an error.
+        let _ = self.changes.send(delta);
+        Ok(())
+    }
+
+    /// Appends a delta to the log (durable), then applies it in memory.
+    fn persist(&mut self, delta: &Delta) -> Result<(), ServiceError> {
         if self.store.compaction_incomplete() {
             // Finish the failed compaction first, or the write would be lost.
             self.store.compact(&self.state)?;
         }
-        self.store.append(&delta)?;
-        self.state.apply_delta(&delta)?;
+        self.store.append(delta)?;
+        self.state.apply_delta(delta)?;
         if self.store.should_compact() {
             // The write is durable already: a failed compaction is retried
             // before the next write, not reported as a failed write.
