@@ -4,36 +4,14 @@
 // A test that unwraps fails with the value it met: exactly what a test should do.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt as _;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
-
-const DESKGRID: &str = env!("CARGO_BIN_EXE_deskgrid");
-/// Generous: a cold start on a loaded 2-core CI machine, never reached when healthy.
-const START_TIMEOUT: Duration = Duration::from_secs(20);
-
-fn deskgrid(data_dir: &Path, arguments: &[&str]) -> Output {
-    Command::new(DESKGRID)
-        .arg("--data-dir")
-        .arg(data_dir)
-        .args(arguments)
-        .env_remove("DESKGRID_DATA_DIR")
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("the deskgrid binary runs")
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
+use common::{deskgrid, stderr, stdout, Server, DESKGRID, START_TIMEOUT};
 
 fn init(data_dir: &Path) -> serde_json::Value {
     let output = deskgrid(
@@ -52,74 +30,6 @@ fn init(data_dir: &Path) -> serde_json::Value {
     );
     assert!(output.status.success(), "init failed: {}", stderr(&output));
     serde_json::from_slice(&output.stdout).expect("init --output json prints JSON")
-}
-
-/// A `deskgrid serve` child, stopped with SIGKILL if a test fails before it
-/// stops it properly.
-struct Server {
-    child: Option<Child>,
-    socket: PathBuf,
-}
-
-impl Server {
-    fn start(data_dir: &Path) -> Self {
-        let child = Command::new(DESKGRID)
-            .arg("--data-dir")
-            .arg(data_dir)
-            .arg("serve")
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("deskgrid serve starts");
-        let mut server = Self {
-            child: Some(child),
-            socket: data_dir.join("control.sock"),
-        };
-        let deadline = Instant::now() + START_TIMEOUT;
-        while !server.socket.exists() {
-            if let Some(status) = server.child_mut().try_wait().expect("can poll the server") {
-                panic!("deskgrid serve exited at start-up with {status}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "deskgrid serve did not open its control socket in time"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        server
-    }
-
-    fn child_mut(&mut self) -> &mut Child {
-        self.child.as_mut().expect("server still owned")
-    }
-
-    /// SIGTERM, then the exit status and everything it logged.
-    fn stop(mut self) -> Output {
-        let child = self.child.take().expect("server still owned");
-        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("can signal the server");
-        let deadline = Instant::now() + START_TIMEOUT;
-        let mut child = child;
-        loop {
-            if child.try_wait().expect("can poll the server").is_some() {
-                return child.wait_with_output().expect("server output");
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("deskgrid serve did not stop within {START_TIMEOUT:?} of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }
 
 #[test]
@@ -169,6 +79,29 @@ fn init_serve_status_and_clean_stop() {
         stdout(&output).contains(&format!("server   test-1 ({server_id})")),
         "{}",
         stdout(&output)
+    );
+
+    // The host worker reaches libvirt, creates the pool and publishes capacity.
+    let deadline = Instant::now() + START_TIMEOUT;
+    let capacity = loop {
+        let output = deskgrid(&data_dir, &["--output", "json", "status"]);
+        let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        if status["capacity"]["cpus"].as_u64().unwrap_or(0) > 0 {
+            break status["capacity"].clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "host capacity never published: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        capacity["memory_total_mib"].as_u64().unwrap() > 0,
+        "{capacity}"
+    );
+    assert!(
+        capacity["storage_total_bytes"].as_u64().unwrap() > 0,
+        "the pool exists: {capacity}"
     );
 
     // A second server on the same directory is refused.

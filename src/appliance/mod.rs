@@ -139,15 +139,18 @@ fn lock_service(service: &Mutex<GridService>) -> std::sync::MutexGuard<'_, GridS
 fn federation_endpoint(
     appliance: &Appliance,
 ) -> anyhow::Result<Option<Arc<crate::federation::transport::PeerEndpoint>>> {
-    use crate::federation::identity::{IdentityError, TlsFiles};
+    use crate::federation::identity::TlsFiles;
     use crate::federation::transport::{PeerEndpoint, Revocations, TlsMaterial};
     use anyhow::Context as _;
 
-    let loaded = match TlsFiles::new(appliance.data_dir.tls_dir()).load() {
-        Ok(loaded) => loaded,
-        Err(IdentityError::NoIdentity { .. }) => return Ok(None),
-        Err(error) => return Err(error).context("cannot load this server's grid identity"),
-    };
+    let files = TlsFiles::new(appliance.data_dir.tls_dir());
+    if !files.ca_certificate_file().exists() && !files.server_certificate_file().exists() {
+        // Initialised without --new-grid and never joined: a standalone server.
+        return Ok(None);
+    }
+    let loaded = files
+        .load()
+        .context("cannot load this server's grid identity")?;
     let server_id = appliance.data_dir.server_id()?;
     if loaded.server_id != server_id {
         anyhow::bail!(

@@ -1,0 +1,102 @@
+//! Shared by the tests that run the real `deskgrid` binary: running commands
+//! and `deskgrid serve` children that are always reaped.
+
+#![allow(dead_code, clippy::unwrap_used)] // each test binary uses a different part
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+pub const DESKGRID: &str = env!("CARGO_BIN_EXE_deskgrid");
+/// Generous: a cold start on a loaded 2-core CI machine, never reached when healthy.
+pub const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub fn deskgrid(data_dir: &Path, arguments: &[&str]) -> Output {
+    Command::new(DESKGRID)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(arguments)
+        .env_remove("DESKGRID_DATA_DIR")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("the deskgrid binary runs")
+}
+
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A `deskgrid serve` child, stopped with SIGKILL if a test fails before it
+/// stops it properly.
+pub struct Server {
+    child: Option<Child>,
+    pub socket: PathBuf,
+}
+
+impl Server {
+    pub fn start(data_dir: &Path) -> Self {
+        let child = Command::new(DESKGRID)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("serve")
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("deskgrid serve starts");
+        let mut server = Self {
+            child: Some(child),
+            socket: data_dir.join("control.sock"),
+        };
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !server.socket.exists() {
+            if let Some(status) = server.child_mut().try_wait().expect("can poll the server") {
+                panic!("deskgrid serve exited at start-up with {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "deskgrid serve did not open its control socket in time"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+
+    pub fn child_mut(&mut self) -> &mut Child {
+        self.child.as_mut().expect("server still owned")
+    }
+
+    /// SIGTERM, then the exit status and everything it logged.
+    pub fn stop(mut self) -> Output {
+        let child = self.child.take().expect("server still owned");
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("can signal the server");
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut child = child;
+        loop {
+            if child.try_wait().expect("can poll the server").is_some() {
+                return child.wait_with_output().expect("server output");
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("deskgrid serve did not stop within {START_TIMEOUT:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
