@@ -120,6 +120,10 @@ impl Output {
                 println!("site     {}", status.site);
                 println!("version  {}", status.software_version);
                 println!("uptime   {}s", status.uptime_ms / 1000);
+                match status.grid_id {
+                    Some(grid_id) => println!("grid     {grid_id}"),
+                    None => println!("grid     none (standalone)"),
+                }
                 let capacity = &status.capacity;
                 if capacity.cpus == 0 {
                     println!("host     not reached yet (see the server's log)");
@@ -134,6 +138,25 @@ impl Output {
                     );
                 }
                 print_summary(&status.state);
+                println!(
+                    "{:<36}  {:<16} {:<10} {:<22} last update",
+                    "server", "name", "site", "address"
+                );
+                for server in &status.servers {
+                    println!(
+                        "{:<36}  {:<16} {:<10} {:<22} {}{}",
+                        server.id,
+                        server.name,
+                        server.site,
+                        server.addresses.first().map_or("-", String::as_str),
+                        server.updated_at_ms,
+                        if server.this_server {
+                            "  (this server)"
+                        } else {
+                            ""
+                        }
+                    );
+                }
             }
             OutputFormat::Json => self.json(status),
         }

@@ -47,7 +47,25 @@ pub struct StatusReport {
     pub uptime_ms: u64,
     /// The host as last published (all zero until libvirt answered).
     pub capacity: HostCapacity,
+    /// The grid this server belongs to (none: standalone).
+    pub grid_id: Option<crate::model::GridId>,
+    /// SHA-256 of the replicated state: servers that agree show the same.
+    pub state_digest: String,
+    /// Every server the grid state knows, this one included.
+    pub servers: Vec<ServerSummary>,
     pub state: StateSummary,
+}
+
+/// One server as the grid state describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerSummary {
+    pub id: ServerId,
+    pub name: String,
+    pub addresses: Vec<String>,
+    pub site: String,
+    /// When the server last updated its own record (its clock, Unix ms).
+    pub updated_at_ms: u64,
+    pub this_server: bool,
 }
 
 /// The grid state as this server holds it.
@@ -193,6 +211,20 @@ impl GridService {
             capacity: own
                 .map(|record| record.capacity.clone())
                 .unwrap_or_default(),
+            grid_id: self.grid_id(),
+            state_digest: hex::encode(self.state.digest()),
+            servers: self
+                .state
+                .servers()
+                .map(|(id, record)| ServerSummary {
+                    id,
+                    name: record.name.clone(),
+                    addresses: record.addresses.clone(),
+                    site: record.site.to_string(),
+                    updated_at_ms: record.updated_at_ms,
+                    this_server: id == self.server_id,
+                })
+                .collect(),
             state: self.summary(),
         }
     }

@@ -14,7 +14,10 @@ use crate::federation::protocol::{self, JoinRequest, PeerRequest, PeerResponse, 
 use crate::federation::transport::{PeerEndpoint, TransportError};
 use crate::model::{GridId, ServerId, ServerRecord, UserName};
 
-/// How long a join may take: a handshake plus the whole grid state.
+/// How long the seed may take to answer the QUIC handshake: a seed that is
+/// not a deskgrid server (or not reachable) is reported after this.
+const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+/// How long the join itself may take: certifying plus the whole grid state.
 const JOIN_DEADLINE: Duration = Duration::from_secs(60);
 
 /// Why a server could not be set up. Nothing usable was left half-written:
@@ -118,7 +121,7 @@ pub fn join_grid(
         // The seed's CA is checked against the token's pin before the secret
         // leaves this machine.
         let connection =
-            PeerEndpoint::connect_for_join(seed, *token.ca_pin.as_bytes(), JOIN_DEADLINE)
+            PeerEndpoint::connect_for_join(seed, *token.ca_pin.as_bytes(), HANDSHAKE_DEADLINE)
                 .await
                 .map_err(transport)?;
         connection
