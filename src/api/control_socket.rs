@@ -44,7 +44,7 @@ pub enum ControlCommand {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ControlReply {
-    Status(StatusReport),
+    Status(Box<StatusReport>),
     Compacted(StateSummary),
     JoinToken { token: String, expires_at_ms: u64 },
 }
@@ -219,7 +219,7 @@ fn execute(service: &Mutex<GridService>, command: ControlCommand) -> ControlResp
         Err(poisoned) => poisoned.into_inner(),
     };
     match command {
-        ControlCommand::Status => ControlResponse::Ok(ControlReply::Status(service.status())),
+        ControlCommand::Status => ControlResponse::Ok(ControlReply::Status(Box::new(service.status()))),
         ControlCommand::CreateJoinToken { ttl_seconds, uses } => {
             match service.create_join_token(Duration::from_secs(ttl_seconds), uses) {
                 Ok((token, expires_at_ms)) => ControlResponse::Ok(ControlReply::JoinToken {
