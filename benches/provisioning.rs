@@ -289,6 +289,11 @@ fn main() -> anyhow::Result<()> {
         pool.path
     );
     println!(
+        "load average at start: {}; other running domains on this libvirtd: {}",
+        load_average(),
+        bench.foreign_running_domains()
+    );
+    println!(
         "per phase: {} VMs (1 vCPU, {GUEST_MEMORY_MIB} MiB, SPICE, no NIC), each started as soon as it is defined; boot wait on the first {boot_wait_vms}{}",
         options.n_vms,
         if options.fsync_disks { "; each new disk fsynced before define" } else { "" }
@@ -326,6 +331,11 @@ fn main() -> anyhow::Result<()> {
         print_boots(&reports);
     }
     println!();
+    println!(
+        "load average at end: {}; other running domains: {}",
+        load_average(),
+        bench.foreign_running_domains()
+    );
     println!(
         "note: a desktop base image is several GiB (a Windows desktop 20-40 GiB); a full copy's time grows with it, a linked clone's does not"
     );
@@ -535,6 +545,28 @@ impl Bench {
         let xml = xml.replacen(QCOW2_DRIVER, "<driver name='qemu' type='raw'", 1);
         Domain::define_xml(&self.connection, &xml).context("define a raw-disk domain")?;
         Ok(())
+    }
+
+    /// Running domains that are not this bench's (other tests on the same
+    /// libvirtd compete for the same cores).
+    fn foreign_running_domains(&self) -> String {
+        match self
+            .connection
+            .list_all_domains(virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        {
+            Ok(domains) => domains
+                .iter()
+                .filter_map(|domain| domain.get_name().ok())
+                .filter(|name| {
+                    !self
+                        .live_vms
+                        .iter()
+                        .any(|vm| *name == naming::domain_name(*vm))
+                })
+                .count()
+                .to_string(),
+            Err(error) => format!("unknown ({})", error.message()),
+        }
     }
 
     /// Destroys and undefines the phase's domains (with their overlays) and
@@ -805,6 +837,18 @@ impl Read for PseudoRandomBytes {
     }
 }
 
+/// The 1, 5 and 15 minute load averages: the machine may be shared.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
 fn hex_of(vm: VmId) -> String {
     hex::encode(vm.as_bytes())
 }
@@ -915,12 +959,15 @@ fn print_ratios(reports: &[PhaseReport]) {
         if let [linked, full] = pair {
             let linked_totals: Vec<Duration> = linked.vms.iter().map(VmTiming::total).collect();
             let full_totals: Vec<Duration> = full.vms.iter().map(VmTiming::total).collect();
+            let linked_disks: Vec<Duration> = linked.vms.iter().map(|timing| timing.disk).collect();
+            let full_disks: Vec<Duration> = full.vms.iter().map(|timing| timing.disk).collect();
             println!(
-                "ratio on the {} base ({:.0} MiB): linked/full {:.2}x VMs/s, {:.2}x faster per VM (median)",
+                "ratio on the {} base ({:.0} MiB): linked/full {:.2}x VMs/s, per VM {:.2}x faster (median), disk step alone {:.0}x faster (median)",
                 linked.base_label,
                 mib(linked.base_bytes),
                 linked.vms_per_second() / full.vms_per_second(),
-                median(&full_totals).as_secs_f64() / median(&linked_totals).as_secs_f64()
+                median(&full_totals).as_secs_f64() / median(&linked_totals).as_secs_f64(),
+                median(&full_disks).as_secs_f64() / median(&linked_disks).as_secs_f64()
             );
         }
     }

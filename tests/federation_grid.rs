@@ -207,6 +207,52 @@ fn servers_join_converge_refuse_bad_tokens_and_catch_up_after_a_crash() {
         entries_while_down
     );
 
+    // Remove the third server for good: every member stops listening to it.
+    let third_id = status(&third)["server_id"].as_str().unwrap().to_owned();
+    let output = deskgrid(&first.data_dir, &["server", "remove", &third_id]);
+    assert!(
+        output.status.success(),
+        "server remove: {}",
+        stderr(&output)
+    );
+    let deadline = Instant::now() + CONVERGE_TIMEOUT;
+    loop {
+        let seen = status(&second)["servers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|server| server["id"] == third_id.as_str() && server["removed"] == true);
+        if seen {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the removal never reached the second server"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let before = status(&first)["state_digest"].as_str().unwrap().to_owned();
+    let _ = token(&third, 1);
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        status(&first)["state_digest"],
+        before.as_str(),
+        "a removed server's changes are refused"
+    );
+    let removing_itself = deskgrid(
+        &first.data_dir,
+        &[
+            "server",
+            "remove",
+            status(&first)["server_id"].as_str().unwrap(),
+        ],
+    );
+    assert!(
+        stderr(&removing_itself).contains("cannot remove itself"),
+        "{}",
+        stderr(&removing_itself)
+    );
+
     for server in [first_server, second_server, third_server] {
         let stopped = server.stop();
         assert!(stopped.status.success(), "{}", stderr(&stopped));
@@ -247,4 +293,118 @@ fn a_seed_that_is_not_a_deskgrid_server_is_a_clear_error() {
         "nothing written: {}",
         stdout(&output)
     );
+}
+
+/// A network namespace with only loopback, removed when dropped.
+struct Namespace(String);
+
+impl Namespace {
+    fn create() -> Option<Self> {
+        let name = format!("dggrid-{}", std::process::id());
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &name])
+            .output();
+        let created = std::process::Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .ok()?;
+        if !created.status.success() {
+            return None;
+        }
+        let namespace = Self(name);
+        let up = std::process::Command::new("ip")
+            .args(["-n", &namespace.0, "link", "set", "lo", "up"])
+            .output()
+            .ok()?;
+        up.status.success().then_some(namespace)
+    }
+
+    fn command(&self, data_dir: &Path, arguments: &[&str]) -> std::process::Command {
+        let mut command = std::process::Command::new("ip");
+        command
+            .args(["netns", "exec", &self.0, common::DESKGRID, "--data-dir"])
+            .arg(data_dir)
+            .args(arguments)
+            .env_remove("RUST_LOG");
+        command
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .output();
+    }
+}
+
+#[test]
+fn a_grid_announced_by_mdns_is_discovered() {
+    // mDNS only inside a namespace of our own: never on a real interface.
+    let Some(namespace) = Namespace::create() else {
+        println!("SKIPPED: cannot create a network namespace (needs root and iproute2)");
+        return;
+    };
+    let temp = tempfile::tempdir().unwrap();
+    let data_dir = temp.path().join("server");
+    let password = temp.path().join("password");
+    std::fs::write(&password, "correct horse battery staple").unwrap();
+    let output = namespace
+        .command(
+            &data_dir,
+            &[
+                "--output",
+                "json",
+                "init",
+                "--new-grid",
+                "--admin-password-file",
+                password.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:7443",
+                "--libvirt",
+                "test:///default",
+                "--mdns",
+                "loopback",
+            ],
+        )
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let created: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let grid_id = created["grid_id"].as_str().unwrap().to_owned();
+
+    let mut server = namespace
+        .command(&data_dir, &["serve"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !data_dir.join("control.sock").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "serve did not start in the namespace"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let found = namespace
+        .command(
+            &temp.path().join("unused"),
+            &[
+                "--output", "json", "discover", "--scope", "loopback", "--wait", "3s",
+            ],
+        )
+        .output()
+        .unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(found.status.success(), "{}", stderr(&found));
+    let grids: serde_json::Value = serde_json::from_slice(&found.stdout).unwrap();
+    let grid = grids
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|grid| grid["grid_id"] == grid_id.as_str())
+        .unwrap_or_else(|| panic!("grid {grid_id} not discovered: {grids}"));
+    assert_eq!(grid["servers"][0]["addresses"][0], "127.0.0.1:7443");
 }

@@ -610,6 +610,8 @@ impl Hypervisor for LibvirtHypervisor {
                 0,
             ) {
                 Ok(xml) => xml,
+                // Undefined since the listing (a concurrent undefine).
+                Err(error) if error.code() == ErrorNumber::NoDomain => continue,
                 Err(error) => {
                     tracing::warn!(domain = %name, error = %error.message(), "domain named like deskgrid's has no deskgrid metadata; ignored");
                     continue;
@@ -622,11 +624,17 @@ impl Hypervisor for LibvirtHypervisor {
                 tracing::warn!(domain = %name, "domain metadata names another VM; ignored");
                 continue;
             }
+            let state = match libvirt_domain_state(&domain) {
+                Ok(state) => state,
+                // Undefined since the listing: gone, so not listed.
+                Err(error) if error.code() == ErrorNumber::NoDomain => continue,
+                Err(error) => return Err(libvirt_error("read domain state")(error)),
+            };
             found.push(DomainStatus {
                 vm,
                 template: metadata.template,
                 image: metadata.image,
-                state: domain_state(&domain)?,
+                state,
             });
         }
         found.sort_by_key(|status| status.vm);
@@ -815,9 +823,13 @@ fn libvirt_error(operation: &'static str) -> impl Fn(VirtError) -> ActuatorError
 }
 
 fn domain_state(domain: &Domain) -> Result<DomainState, ActuatorError> {
-    let (state, _reason) = domain
-        .get_state()
-        .map_err(libvirt_error("read domain state"))?;
+    libvirt_domain_state(domain).map_err(libvirt_error("read domain state"))
+}
+
+/// [`domain_state`] with libvirt's error kept, for callers that must tell a
+/// domain undefined meanwhile (`ErrorNumber::NoDomain`) from a failure.
+fn libvirt_domain_state(domain: &Domain) -> Result<DomainState, VirtError> {
+    let (state, _reason) = domain.get_state()?;
     Ok(match state {
         sys::VIR_DOMAIN_RUNNING => DomainState::Running,
         sys::VIR_DOMAIN_PAUSED | sys::VIR_DOMAIN_PMSUSPENDED => DomainState::Paused,

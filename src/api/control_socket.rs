@@ -39,6 +39,7 @@ pub enum ControlCommand {
     Status,
     CompactState,
     CreateJoinToken { ttl_seconds: u64, uses: u32 },
+    RemoveServer { id: crate::model::ServerId },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,6 +48,7 @@ pub enum ControlReply {
     Status(Box<StatusReport>),
     Compacted(StateSummary),
     JoinToken { token: String, expires_at_ms: u64 },
+    ServerRemoved { id: crate::model::ServerId },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -219,7 +221,9 @@ fn execute(service: &Mutex<GridService>, command: ControlCommand) -> ControlResp
         Err(poisoned) => poisoned.into_inner(),
     };
     match command {
-        ControlCommand::Status => ControlResponse::Ok(ControlReply::Status(Box::new(service.status()))),
+        ControlCommand::Status => {
+            ControlResponse::Ok(ControlReply::Status(Box::new(service.status())))
+        }
         ControlCommand::CreateJoinToken { ttl_seconds, uses } => {
             match service.create_join_token(Duration::from_secs(ttl_seconds), uses) {
                 Ok((token, expires_at_ms)) => ControlResponse::Ok(ControlReply::JoinToken {
@@ -229,6 +233,10 @@ fn execute(service: &Mutex<GridService>, command: ControlCommand) -> ControlResp
                 Err(error) => ControlResponse::Error(crate::error_chain(&error)),
             }
         }
+        ControlCommand::RemoveServer { id } => match service.remove_server(id) {
+            Ok(()) => ControlResponse::Ok(ControlReply::ServerRemoved { id }),
+            Err(error) => ControlResponse::Error(crate::error_chain(&error)),
+        },
         ControlCommand::CompactState => match service.compact() {
             Ok(summary) => ControlResponse::Ok(ControlReply::Compacted(summary)),
             Err(error) => ControlResponse::Error(crate::error_chain(&error)),

@@ -35,6 +35,9 @@ pub struct ServerSettings {
     pub listen: SocketAddr,
     /// Addresses of grid members to contact first.
     pub seeds: Vec<String>,
+    /// Where this server announces its grid by mDNS: "off", "loopback",
+    /// "all", or a comma-separated list of interface names.
+    pub mdns: String,
 }
 
 impl Default for ServerSettings {
@@ -44,6 +47,7 @@ impl Default for ServerSettings {
             site: SiteLabel::default(),
             listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_PEER_PORT)),
             seeds: Vec::new(),
+            mdns: "off".to_owned(),
         }
     }
 }
@@ -166,6 +170,7 @@ impl Config {
         {
             return Err(format!("server.seeds: {seed:?} is not HOST:PORT"));
         }
+        parse_mdns_scope(&self.server.mdns).map_err(|problem| format!("server.mdns: {problem}"))?;
         if !self.libvirt.uri.contains("://") {
             return Err(format!(
                 "libvirt.uri {:?} is not a libvirt URI (like qemu:///system)",
@@ -217,6 +222,10 @@ listen = "{listen}"
 # Grid members to contact first when joining or after a restart ("HOST:PORT").
 # Servers on the same network also find each other by mDNS. Default: [].
 seeds = [{seeds}]
+# Announce this grid by mDNS so new appliances can find it (`deskgrid
+# discover`): "off", "all" (every interface), "loopback", or interface names
+# ("eth0,eth1"). A join still needs a token. Default: "off".
+mdns = {mdns:?}
 
 [libvirt]
 # How to reach this host's hypervisor: "qemu:///system" when deskgrid runs on
@@ -239,6 +248,7 @@ domain_type = "{domain_type}"
             site = self.server.site.to_string(),
             listen = self.server.listen,
             uri = self.libvirt.uri,
+            mdns = self.server.mdns,
             pool = self.libvirt.pool,
             pool_path = self.libvirt.pool_path,
             network = self.libvirt.network,
@@ -248,6 +258,32 @@ domain_type = "{domain_type}"
                 DomainType::Qemu => "qemu",
             },
         )
+    }
+}
+
+/// `server.mdns` as a discovery scope; `None` is "off".
+pub fn parse_mdns_scope(
+    text: &str,
+) -> Result<Option<crate::federation::discovery::InterfaceScope>, String> {
+    use crate::federation::discovery::InterfaceScope;
+    match text.trim() {
+        "off" | "" => Ok(None),
+        "all" => Ok(Some(InterfaceScope::All)),
+        "loopback" => Ok(Some(InterfaceScope::LoopbackOnly)),
+        names => {
+            let names: Vec<String> = names
+                .split(',')
+                .map(|name| name.trim().to_owned())
+                .collect();
+            if names.iter().any(|name| {
+                name.is_empty() || name.len() > 15 || name.contains(char::is_whitespace)
+            }) {
+                return Err(format!(
+                    "{text:?} is not \"off\", \"all\", \"loopback\" or interface names"
+                ));
+            }
+            Ok(Some(InterfaceScope::Named(names)))
+        }
     }
 }
 

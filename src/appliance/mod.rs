@@ -73,7 +73,16 @@ pub async fn serve(data_dir: DataDir) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     tracing::info!(uri = %appliance.config.libvirt.uri, "host worker started");
-    let federation = match federation_endpoint(&appliance)? {
+    let federation_endpoint = federation_endpoint(&appliance)?;
+    let (grid_id, server_id) = {
+        let service = lock_service(&appliance.service);
+        (service.grid_id(), service.server_id())
+    };
+    let advertiser = match (&federation_endpoint, grid_id) {
+        (Some(_), Some(grid_id)) => advertise(&appliance.config, grid_id, server_id)?,
+        _ => None,
+    };
+    let federation = match federation_endpoint {
         Some(endpoint) => {
             tracing::info!(listen = %appliance.config.server.listen, "federation listening (QUIC)");
             Some(tokio::spawn(crate::federation::node::run(
@@ -109,6 +118,10 @@ pub async fn serve(data_dir: DataDir) -> anyhow::Result<()> {
         .is_err()
     {
         tracing::warn!("workers did not stop within the deadline");
+    }
+    if let Some(advertiser) = advertiser {
+        // Says goodbye on the network; waits at most a second.
+        let _ = tokio::task::spawn_blocking(move || drop(advertiser)).await;
     }
     if let Err(error) = std::fs::remove_file(&socket_path) {
         tracing::warn!(path = %socket_path.display(), error = %error, "cannot remove the control socket");
@@ -178,4 +191,34 @@ fn federation_endpoint(
     }
     tracing::info!(grid = %loaded.grid_id, "grid identity loaded");
     Ok(Some(Arc::new(endpoint)))
+}
+
+/// Announces the grid by mDNS when `server.mdns` asks for it.
+fn advertise(
+    config: &Config,
+    grid_id: crate::model::GridId,
+    server_id: crate::model::ServerId,
+) -> anyhow::Result<Option<crate::federation::discovery::Advertiser>> {
+    let Some(scope) = config::parse_mdns_scope(&config.server.mdns).map_err(anyhow::Error::msg)?
+    else {
+        return Ok(None);
+    };
+    let host_name = format!("deskgrid-{}", &server_id.to_string()[..8]);
+    match crate::federation::discovery::Advertiser::start(
+        &scope,
+        grid_id,
+        server_id,
+        config.server.listen,
+        &host_name,
+    ) {
+        Ok(advertiser) => {
+            tracing::info!(scope = %config.server.mdns, "grid announced by mDNS");
+            Ok(Some(advertiser))
+        }
+        Err(error) => {
+            // Discovery is a convenience: the grid works without it.
+            tracing::warn!(error = %crate::error_chain(&error), "cannot announce the grid by mDNS");
+            Ok(None)
+        }
+    }
 }

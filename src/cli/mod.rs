@@ -73,6 +73,21 @@ pub enum Command {
     #[command(subcommand)]
     State(StateCommand),
 
+    /// List the deskgrid grids announced by mDNS on this network (grids
+    /// whose servers have `mdns` on). Needs no data directory.
+    Discover {
+        /// Where to listen: all, loopback, or interface names (eth0,eth1).
+        #[arg(long, value_name = "SCOPE", default_value = "all")]
+        scope: String,
+        /// How long to listen.
+        #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = setup::parse_duration)]
+        wait: std::time::Duration,
+    },
+
+    /// Servers of the grid (asks the running server).
+    #[command(subcommand)]
+    Server(ServerCommand),
+
     /// This server's host: is it ready for desktops?
     #[command(subcommand)]
     Host(HostCommand),
@@ -167,6 +182,17 @@ pub struct JoinArgs {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum ServerCommand {
+    /// Remove a server from the grid for good: its certificate is revoked
+    /// everywhere, no server talks to it again, and it cannot rejoin with
+    /// the same identity. Its record stays, marked removed.
+    Remove {
+        /// The server's id (see `deskgrid status`).
+        id: crate::model::ServerId,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum TokenCommand {
     /// Create a join token: a new server joins with
     /// `deskgrid join SEED --token TOKEN`. The token pins this grid's
@@ -216,6 +242,11 @@ pub struct ServerSettingsArgs {
     #[arg(long = "seed", value_name = "ADDR")]
     pub seeds: Vec<String>,
 
+    /// Announce the grid by mDNS: off, all, loopback, or interface names
+    /// (eth0,eth1).
+    #[arg(long, value_name = "SCOPE", default_value = "off")]
+    pub mdns: String,
+
     /// kvm, qemu (software emulation) or auto (kvm when the host offers it).
     #[arg(long, value_enum, default_value_t = DomainType::Auto)]
     pub domain_type: DomainType,
@@ -251,6 +282,26 @@ fn run(cli: Cli, output: &Output) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Init(args) => setup::init(&data_dir, args, output),
         Command::Join(args) => setup::join(&data_dir, args, output),
+        Command::Discover { scope, wait } => {
+            let scope = crate::appliance::config::parse_mdns_scope(&scope)
+                .map_err(anyhow::Error::msg)?
+                .context("--scope off discovers nothing")?;
+            let grids = crate::federation::discovery::browse(&scope, wait)?;
+            output.discovered(&grids);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Server(ServerCommand::Remove { id }) => {
+            data_dir.require_initialised()?;
+            match control_socket::call(
+                &data_dir.control_socket(),
+                data_dir.root(),
+                ControlCommand::RemoveServer { id },
+            )? {
+                ControlReply::ServerRemoved { id } => output.server_removed(id),
+                other => anyhow::bail!("unexpected answer from the server: {other:?}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Token(TokenCommand::Create { ttl, uses }) => {
             data_dir.require_initialised()?;
             match control_socket::call(

@@ -96,6 +96,34 @@ impl Output {
         }
     }
 
+    pub fn discovered(&self, grids: &[crate::federation::discovery::DiscoveredGrid]) {
+        match self.format {
+            OutputFormat::Text => {
+                if grids.is_empty() {
+                    println!("no grid announced itself (servers announce only with `mdns` set in their config.toml)");
+                }
+                for grid in grids {
+                    println!("grid {}", grid.grid_id);
+                    for server in &grid.servers {
+                        let addresses: Vec<String> =
+                            server.addresses.iter().map(ToString::to_string).collect();
+                        println!("  server {}  {}", server.server_id, addresses.join(", "));
+                    }
+                }
+            }
+            OutputFormat::Json => self.json(&grids),
+        }
+    }
+
+    pub fn server_removed(&self, id: ServerId) {
+        match self.format {
+            OutputFormat::Text => {
+                println!("server {id} removed from the grid; its certificate is revoked")
+            }
+            OutputFormat::Json => self.json(&serde_json::json!({ "removed": id })),
+        }
+    }
+
     pub fn join_token(&self, token: &str, expires_at_ms: u64, uses: u32) {
         match self.format {
             OutputFormat::Text => {

@@ -30,6 +30,7 @@ fn config_from(settings: ServerSettingsArgs) -> anyhow::Result<Config> {
             site: settings.site,
             listen: settings.listen,
             seeds: settings.seeds,
+            mdns: settings.mdns,
         },
         libvirt: LibvirtSettings {
             uri: settings.libvirt,

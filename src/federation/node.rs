@@ -95,6 +95,14 @@ fn dispatch(
     request: PeerRequest,
 ) -> PeerResponse {
     let refused = |reason: String| PeerResponse::Refused { reason };
+    if let PeerIdentity::Server(server) = peer {
+        // The transport refuses new connections from a removed server; this
+        // covers connections it opened before the removal reached us.
+        if access.revoked().contains(&server) {
+            tracing::warn!(peer = %server, "request from a removed server refused");
+            return refused("this server was removed from the grid".to_owned());
+        }
+    }
     match (peer, request) {
         (PeerIdentity::Server(server), PeerRequest::PushDelta { delta }) => {
             match access.apply_remote(server, &delta) {

@@ -129,6 +129,25 @@ impl GridService {
         })
     }
 
+    /// Removes `server` from the grid for good: its certificate is revoked
+    /// on every member as the change spreads.
+    pub fn remove_server(&mut self, server: ServerId) -> Result<(), ServiceError> {
+        if server == self.server_id {
+            return Err(ServiceError::Grid(
+                "a server cannot remove itself: run `deskgrid server remove` on another member"
+                    .to_owned(),
+            ));
+        }
+        if self.state.server(server).is_none() {
+            return Err(ServiceError::Grid(format!(
+                "no server {server} in this grid (see `deskgrid status`)"
+            )));
+        }
+        self.write(ConfigValue::RevokedServer(server))?;
+        tracing::info!(%server, "server removed from the grid; its certificate is revoked");
+        Ok(())
+    }
+
     /// True when `server` was removed from the grid for good.
     pub fn is_revoked(&self, server: ServerId) -> bool {
         self.state

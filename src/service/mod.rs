@@ -66,6 +66,8 @@ pub struct ServerSummary {
     /// When the server last updated its own record (its clock, Unix ms).
     pub updated_at_ms: u64,
     pub this_server: bool,
+    /// Removed from the grid for good (`deskgrid server remove`).
+    pub removed: bool,
 }
 
 /// The grid state as this server holds it.
@@ -223,6 +225,7 @@ impl GridService {
                     site: record.site.to_string(),
                     updated_at_ms: record.updated_at_ms,
                     this_server: id == self.server_id,
+                    removed: self.is_revoked(id),
                 })
                 .collect(),
             state: self.summary(),
