@@ -59,6 +59,10 @@ const TICKET_SLACK_SECONDS: u64 = 5;
 /// Where Debian's libvirtd writes each domain's QEMU log.
 const QEMU_LOG_DIR: &str = "/var/log/libvirt/qemu";
 const HELLO_PREFIX: &str = "deskgrid-test-guest hello ";
+/// How often the serial logs of silent guests are read for a kernel panic.
+const SERIAL_LOG_POLL: Duration = Duration::from_secs(1);
+/// What a panicking guest kernel prints (with `quiet` too).
+const KERNEL_PANIC: &[u8] = b"Kernel panic";
 /// Lines of a guest's serial log shown when it fails.
 const SERIAL_TAIL_LINES: usize = 40;
 
@@ -429,23 +433,28 @@ fn read_hello_line(channel: &mut impl Read) -> Result<String, String> {
 }
 
 /// Waits, at most [`HELLO_WAIT`] in all, for every VM's hello line and checks
-/// that each names its own VM: the line came through that VM's channel.
+/// that each names its own VM: the line came through that VM's channel. A
+/// guest whose kernel panicked fails the test at once.
 fn wait_for_hello_lines(vms: &[VmId], receiver: &mpsc::Receiver<HelloReport>, dir: &Path) {
     let deadline = Instant::now() + HELLO_WAIT;
     let mut hello = BTreeMap::new();
     while hello.len() < vms.len() {
+        let silent: Vec<VmId> = vms
+            .iter()
+            .copied()
+            .filter(|vm| !hello.contains_key(vm))
+            .collect();
+        if let Some(&vm) = silent.iter().find(|vm| kernel_panicked(dir, **vm)) {
+            panic!("the kernel of VM {vm} panicked\n{}", serial_tail(dir, vm));
+        }
         let left = deadline.saturating_duration_since(Instant::now());
-        let (vm, result) = match receiver.recv_timeout(left) {
+        if left.is_zero() {
+            let logs: String = silent.iter().map(|vm| serial_tail(dir, *vm)).collect();
+            panic!("no hello line within {HELLO_WAIT:?} from {silent:?}\n{logs}");
+        }
+        let (vm, result) = match receiver.recv_timeout(left.min(SERIAL_LOG_POLL)) {
             Ok(report) => report,
-            Err(_) => {
-                let silent: Vec<VmId> = vms
-                    .iter()
-                    .copied()
-                    .filter(|vm| !hello.contains_key(vm))
-                    .collect();
-                let logs: String = silent.iter().map(|vm| serial_tail(dir, *vm)).collect();
-                panic!("no hello line within {HELLO_WAIT:?} from {silent:?}\n{logs}");
-            }
+            Err(_) => continue,
         };
         let (line, elapsed) = result.unwrap_or_else(|problem| {
             panic!("VM {vm}: {problem}\n{}", serial_tail(dir, vm));
@@ -477,6 +486,14 @@ fn parse_hello(line: &str) -> (String, u64) {
         .parse()
         .unwrap_or_else(|_| panic!("unexpected boot_ms in {line:?}"));
     (uuid.to_owned(), boot_ms)
+}
+
+/// Whether `vm`'s serial log shows a kernel panic (the guest then hangs).
+fn kernel_panicked(dir: &Path, vm: VmId) -> bool {
+    std::fs::read(serial_log(dir, vm)).is_ok_and(|log| {
+        log.windows(KERNEL_PANIC.len())
+            .any(|window| window == KERNEL_PANIC)
+    })
 }
 
 fn serial_log(dir: &Path, vm: VmId) -> PathBuf {

@@ -286,7 +286,7 @@ fn run(cli: Cli, output: &Output) -> anyhow::Result<ExitCode> {
             let scope = crate::appliance::config::parse_mdns_scope(&scope)
                 .map_err(anyhow::Error::msg)?
                 .context("--scope off discovers nothing")?;
-            let grids = crate::federation::discovery::browse(&scope, wait)?;
+            let grids = crate::service::grid::discover_grids(&scope, wait)?;
             output.discovered(&grids);
             Ok(ExitCode::SUCCESS)
         }

@@ -96,7 +96,7 @@ impl Output {
         }
     }
 
-    pub fn discovered(&self, grids: &[crate::federation::discovery::DiscoveredGrid]) {
+    pub fn discovered(&self, grids: &[crate::service::grid::DiscoveredGrid]) {
         match self.format {
             OutputFormat::Text => {
                 if grids.is_empty() {

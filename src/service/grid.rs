@@ -10,6 +10,17 @@ use crate::federation::protocol::{JoinGrant, JoinRequest};
 use crate::model::{GridId, Role, ServerId, User, UserName};
 use crate::state::{ConfigKey, ConfigValue, Delta, VersionVector};
 
+pub use crate::federation::discovery::{DiscoveredGrid, InterfaceScope};
+
+/// The grids announced by mDNS on `scope`, listening for `wait` (blocking).
+pub fn discover_grids(
+    scope: &InterfaceScope,
+    wait: Duration,
+) -> Result<Vec<DiscoveredGrid>, ServiceError> {
+    crate::federation::discovery::browse(scope, wait)
+        .map_err(|error| ServiceError::Grid(crate::error_chain(&error)))
+}
+
 impl GridService {
     /// Makes this server a member of the grid whose CA this is.
     pub fn set_grid_ca(&mut self, ca: GridCa) {
