@@ -408,3 +408,225 @@ fn a_grid_announced_by_mdns_is_discovered() {
         .unwrap_or_else(|| panic!("grid {grid_id} not discovered: {grids}"));
     assert_eq!(grid["servers"][0]["addresses"][0], "127.0.0.1:7443");
 }
+
+/// Two namespaces joined by a veth pair: a network of our own, which the
+/// test can cut and heal. The addresses exist only inside these namespaces.
+struct SplitNetwork {
+    left: String,
+    right: String,
+}
+
+impl SplitNetwork {
+    const LEFT_ADDRESS: &'static str = "10.251.7.1";
+    const RIGHT_ADDRESS: &'static str = "10.251.7.2";
+
+    fn create() -> Option<Self> {
+        let pid = std::process::id();
+        let network = Self {
+            left: format!("dgleft-{pid}"),
+            right: format!("dgright-{pid}"),
+        };
+        let ip = |arguments: &[&str]| {
+            std::process::Command::new("ip")
+                .args(arguments)
+                .output()
+                .map(|output| output.status.success())
+                .unwrap_or(false)
+        };
+        for namespace in [&network.left, &network.right] {
+            let _ = ip(&["netns", "del", namespace]);
+            if !ip(&["netns", "add", namespace]) {
+                return None;
+            }
+            ip(&["-n", namespace, "link", "set", "lo", "up"]);
+        }
+        let created = ip(&[
+            "-n",
+            &network.left,
+            "link",
+            "add",
+            "dg-left",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "dg-right",
+            "netns",
+            &network.right,
+        ]) && ip(&[
+            "-n",
+            &network.left,
+            "addr",
+            "add",
+            &format!("{}/24", Self::LEFT_ADDRESS),
+            "dev",
+            "dg-left",
+        ]) && ip(&[
+            "-n",
+            &network.right,
+            "addr",
+            "add",
+            &format!("{}/24", Self::RIGHT_ADDRESS),
+            "dev",
+            "dg-right",
+        ]) && ip(&["-n", &network.left, "link", "set", "dg-left", "up"])
+            && ip(&["-n", &network.right, "link", "set", "dg-right", "up"]);
+        created.then_some(network)
+    }
+
+    /// Cuts (`false`) or heals (`true`) the link between the two sides.
+    fn connect(&self, up: bool) {
+        let state = if up { "up" } else { "down" };
+        for (namespace, device) in [(&self.left, "dg-left"), (&self.right, "dg-right")] {
+            let output = std::process::Command::new("ip")
+                .args(["-n", namespace, "link", "set", device, state])
+                .output()
+                .unwrap();
+            assert!(
+                output.status.success(),
+                "ip link set {device} {state}: {}",
+                stderr(&output)
+            );
+        }
+    }
+
+    fn deskgrid(
+        &self,
+        namespace: &str,
+        data_dir: &Path,
+        arguments: &[&str],
+    ) -> std::process::Command {
+        let mut command = std::process::Command::new("ip");
+        command
+            .args(["netns", "exec", namespace, common::DESKGRID, "--data-dir"])
+            .arg(data_dir)
+            .args(arguments)
+            .env_remove("RUST_LOG");
+        command
+    }
+}
+
+impl Drop for SplitNetwork {
+    fn drop(&mut self) {
+        for namespace in [&self.left, &self.right] {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", namespace])
+                .output();
+        }
+    }
+}
+
+/// A `deskgrid serve` inside a namespace, killed when dropped.
+struct NamespacedServer(std::process::Child);
+
+impl NamespacedServer {
+    fn start(network: &SplitNetwork, namespace: &str, data_dir: &Path) -> Self {
+        let child = network
+            .deskgrid(namespace, data_dir, &["serve"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !data_dir.join("control.sock").exists() {
+            assert!(
+                Instant::now() < deadline,
+                "serve did not start in {namespace}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self(child)
+    }
+}
+
+impl Drop for NamespacedServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn both_sides_of_a_partition_keep_writing_and_converge_after_the_heal() {
+    let Some(network) = SplitNetwork::create() else {
+        println!(
+            "SKIPPED: cannot create network namespaces and a veth pair (needs root and iproute2)"
+        );
+        return;
+    };
+    let temp = tempfile::tempdir().unwrap();
+    let password = temp.path().join("password");
+    std::fs::write(&password, "correct horse battery staple").unwrap();
+    let left_listen = format!("{}:7443", SplitNetwork::LEFT_ADDRESS);
+    let right_listen = format!("{}:7443", SplitNetwork::RIGHT_ADDRESS);
+    let left = Member {
+        data_dir: temp.path().join("left"),
+        address: left_listen.clone(),
+    };
+    let right = Member {
+        data_dir: temp.path().join("right"),
+        address: right_listen.clone(),
+    };
+
+    let output = network
+        .deskgrid(
+            &network.left,
+            &left.data_dir,
+            &[
+                "init",
+                "--new-grid",
+                "--admin-password-file",
+                password.to_str().unwrap(),
+                "--listen",
+                &left_listen,
+                "--libvirt",
+                "test:///default",
+            ],
+        )
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let _left_server = NamespacedServer::start(&network, &network.left, &left.data_dir);
+    // The CLI reaches a server through its Unix socket, from any namespace.
+    let join_token = token(&left, 1);
+    let output = network
+        .deskgrid(
+            &network.right,
+            &right.data_dir,
+            &[
+                "join",
+                &left_listen,
+                "--token",
+                &join_token,
+                "--listen",
+                &right_listen,
+                "--libvirt",
+                "test:///default",
+            ],
+        )
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "join across the veth pair: {}",
+        stderr(&output)
+    );
+    let _right_server = NamespacedServer::start(&network, &network.right, &right.data_dir);
+    wait_for_agreement(&[&left, &right], 2);
+
+    network.connect(false);
+    let _ = token(&left, 1);
+    let _ = token(&right, 1);
+    std::thread::sleep(Duration::from_secs(3));
+    let (left_digest, right_digest) = (
+        status(&left)["state_digest"].clone(),
+        status(&right)["state_digest"].clone(),
+    );
+    assert_ne!(
+        left_digest, right_digest,
+        "the partition really separated them (both sides wrote)"
+    );
+
+    network.connect(true);
+    wait_for_agreement(&[&left, &right], 2);
+}
