@@ -7,7 +7,7 @@
 //! returns.
 
 use std::io::{Read, Write};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use virt::connect::Connect;
@@ -51,7 +51,7 @@ pub struct LibvirtOptions {
 pub struct LibvirtHypervisor {
     options: LibvirtOptions,
     domain_kind: DomainKind,
-    connection: Mutex<Connect>,
+    connection: Mutex<Arc<OwnedConnection>>,
 }
 
 impl LibvirtHypervisor {
@@ -79,7 +79,7 @@ impl LibvirtHypervisor {
         Ok(Self {
             options,
             domain_kind,
-            connection: Mutex::new(connection),
+            connection: Mutex::new(Arc::new(OwnedConnection(connection))),
         })
     }
 
@@ -119,27 +119,29 @@ impl LibvirtHypervisor {
         }
     }
 
-    fn current_connection(&self) -> Connect {
+    fn current_connection(&self) -> Arc<OwnedConnection> {
         // A poisoned lock only means another thread panicked while swapping
         // connections; the value is still a connection.
         let guard = self
             .connection
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        guard.clone()
+        Arc::clone(&guard)
     }
 
-    fn reconnect(&self) -> Result<Connect, ActuatorError> {
+    fn reconnect(&self) -> Result<Arc<OwnedConnection>, ActuatorError> {
         let mut delay = RECONNECT_FIRST_DELAY;
         let mut last_error = None;
         for attempt in 1..=RECONNECT_ATTEMPTS {
             match open(&self.options.uri) {
                 Ok(connection) => {
+                    let connection = Arc::new(OwnedConnection(connection));
                     let mut guard = self
                         .connection
                         .lock()
                         .unwrap_or_else(|poisoned| poisoned.into_inner());
-                    *guard = connection.clone();
+                    // The old connection closes when its last user is done.
+                    *guard = Arc::clone(&connection);
                     tracing::info!(uri = %self.options.uri, attempt, "libvirt connection re-established");
                     return Ok(connection);
                 }
@@ -670,11 +672,20 @@ impl Hypervisor for LibvirtHypervisor {
     }
 
     fn open_guest_channel(&self, vm: VmId) -> Result<Box<dyn GuestChannel>, ActuatorError> {
-        let domain = self.domain(vm)?;
+        // A channel gets a connection of its own: a read waiting for the
+        // guest blocks its connection, and must not stall every other host
+        // call (measured: several seconds per call on a shared connection).
+        let connection = OwnedConnection(open(&self.options.uri)?);
+        let domain = match Domain::lookup_by_name(&connection, &naming::domain_name(vm)) {
+            Ok(domain) => domain,
+            Err(error) if error.code() == ErrorNumber::NoDomain => {
+                return Err(ActuatorError::DomainNotFound { vm })
+            }
+            Err(error) => return Err(libvirt_error("look up a domain")(error)),
+        };
         if domain_state(&domain)? != DomainState::Running {
             return Err(ActuatorError::DomainNotRunning { vm });
         }
-        let connection = self.current_connection();
         let stream = Stream::new(&connection, 0).map_err(libvirt_error("open a stream"))?;
         // FORCE: one reader per VM; a stale stream from a crashed reader must
         // not lock the agent out (DESIGN.md section 10).
@@ -684,7 +695,29 @@ impl Hypervisor for LibvirtHypervisor {
         Ok(Box::new(LibvirtChannel {
             stream: stream.into(),
             vm,
+            _connection: connection,
         }))
+    }
+}
+
+/// A libvirt connection that is closed when dropped (`virt`'s `Connect` has
+/// no `Drop`: every reference must be closed by hand, or it leaks).
+#[derive(Debug)]
+struct OwnedConnection(Connect);
+
+impl std::ops::Deref for OwnedConnection {
+    type Target = Connect;
+
+    fn deref(&self) -> &Connect {
+        &self.0
+    }
+}
+
+impl Drop for OwnedConnection {
+    fn drop(&mut self) {
+        if let Err(error) = self.0.close() {
+            tracing::debug!(error = %error.message(), "closing a libvirt connection");
+        }
     }
 }
 
@@ -728,8 +761,10 @@ impl LibvirtHypervisor {
 /// A guest channel carried by a libvirt stream.
 #[derive(Debug)]
 struct LibvirtChannel {
+    // Declared before the connection: dropped (freed) before it is closed.
     stream: SendStream,
     vm: VmId,
+    _connection: OwnedConnection,
 }
 
 /// A libvirt stream may be used from one thread at a time, but from any
