@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The main job: a local deskgrid server with the embedded default settings.
-# Sets up the host, builds deskgrid, initialises a data directory (once) and
-# serves it until Ctrl-C. DESKGRID_DEMO_DIR picks the data directory
-# (default /tmp/deskgrid-demo); DESKGRID_DEMO_SECONDS stops the demo by itself
-# after that many seconds.
+# The main job: a local deskgrid grid of three servers on this machine, on the
+# embedded default settings. Sets up the host, builds deskgrid, creates the
+# grid on server 1, joins servers 2 and 3 with a join token, shows that they
+# agree, and serves until Ctrl-C. Run again: it reuses what it made.
+#   DESKGRID_DEMO_DIR      where the servers' data directories go (/tmp/deskgrid-demo)
+#   DESKGRID_DEMO_SECONDS  stop by itself after that many seconds
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,40 +13,77 @@ bash scripts/setup-host.sh
 echo "==> building deskgrid (release)"
 cargo build --locked --release --bins
 deskgrid=$PWD/target/release/deskgrid
-data_dir=${DESKGRID_DEMO_DIR:-/tmp/deskgrid-demo}
+demo_dir=${DESKGRID_DEMO_DIR:-/tmp/deskgrid-demo}
+mkdir -p "$demo_dir"
+chmod 700 "$demo_dir"
 
-if [ ! -f "$data_dir/config.toml" ]; then
-  echo "==> initialising $data_dir"
-  "$deskgrid" --data-dir "$data_dir" init --name demo-1 --site demo \
-    --listen 127.0.0.1:7443 --libvirt qemu:///system --domain-type qemu
-else
-  echo "==> reusing $data_dir"
+dir() { echo "$demo_dir/server-$1"; }
+address() { echo "127.0.0.1:$((7442 + $1))"; }
+settings() {
+  echo --name "demo-$1" --site demo --listen "$(address "$1")" \
+    --libvirt qemu:///system --pool "deskgrid-demo-$1" \
+    --pool-path "/var/lib/libvirt/images/deskgrid-demo-$1" --domain-type qemu
+}
+
+servers=()
+cleanup() {
+  for pid in "${servers[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${servers[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+
+start() {
+  "$deskgrid" --data-dir "$(dir "$1")" serve 2>>"$demo_dir/server-$1.log" &
+  servers+=("$!")
+  for _ in $(seq 1 100); do
+    [ -S "$(dir "$1")/control.sock" ] && return 0
+    kill -0 "${servers[-1]}" 2>/dev/null || { echo "demo: server $1 stopped at start-up; see $demo_dir/server-$1.log" >&2; exit 1; }
+    sleep 0.1
+  done
+  echo "demo: server $1 did not start; see $demo_dir/server-$1.log" >&2
+  exit 1
+}
+
+if [ ! -f "$(dir 1)/config.toml" ]; then
+  echo "==> creating the grid on server 1"
+  password_file=$demo_dir/admin-password
+  (umask 077 && head -c 18 /dev/urandom | base64 >"$password_file")
+  # shellcheck disable=SC2046 # settings are words on purpose
+  "$deskgrid" --data-dir "$(dir 1)" init --new-grid --admin-password-file "$password_file" $(settings 1)
+  echo "    the admin's password is in $password_file"
 fi
+start 1
 
-echo "==> starting the server"
-"$deskgrid" --data-dir "$data_dir" serve &
-server=$!
-trap 'kill -TERM "$server" 2>/dev/null || true; wait "$server" || true' EXIT
-
-for _ in $(seq 1 100); do
-  [ -S "$data_dir/control.sock" ] && break
-  kill -0 "$server" 2>/dev/null || { echo "demo: the server stopped at start-up (see above)" >&2; exit 1; }
-  sleep 0.1
+for n in 2 3; do
+  if [ ! -f "$(dir "$n")/config.toml" ]; then
+    echo "==> joining server $n"
+    token=$("$deskgrid" --data-dir "$(dir 1)" token create --ttl 10m --uses 1 2>/dev/null)
+    # shellcheck disable=SC2046 # settings are words on purpose
+    "$deskgrid" --data-dir "$(dir "$n")" join "$(address 1)" --token "$token" $(settings "$n")
+  fi
+  start "$n"
 done
 
-echo "==> deskgrid status"
-"$deskgrid" --data-dir "$data_dir" status
+echo "==> waiting for the three servers to agree"
+for _ in $(seq 1 60); do
+  digests=$(for n in 1 2 3; do "$deskgrid" --data-dir "$(dir "$n")" --output json status | grep '"state_digest"'; done | sort -u | wc -l)
+  [ "$digests" = 1 ] && break
+  sleep 0.5
+done
+"$deskgrid" --data-dir "$(dir 1)" status
 echo
-echo "The server runs on $data_dir. In another terminal, try:"
-echo "  $deskgrid --data-dir $data_dir status"
-echo "  $deskgrid --data-dir $data_dir state compact"
-echo "Stop it with Ctrl-C."
+echo "Three servers run under $demo_dir (logs: server-N.log). In another terminal:"
+echo "  $deskgrid --data-dir $(dir 2) status"
+echo "  $deskgrid --data-dir $(dir 3) token create     # a change on one server reaches all"
+echo "  $deskgrid --data-dir $(dir 1) host check"
+echo "Stop with Ctrl-C."
 
 if [ -n "${DESKGRID_DEMO_SECONDS:-}" ]; then
   sleep "$DESKGRID_DEMO_SECONDS"
-  kill -TERM "$server"
+  cleanup
+  servers=()
+else
+  wait
 fi
-wait "$server"
-trap - EXIT
-echo "==> server stopped cleanly; its state:"
-"$deskgrid" --data-dir "$data_dir" state check
+echo "==> servers stopped; server 1's state:"
+"$deskgrid" --data-dir "$(dir 1)" state check
