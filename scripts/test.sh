@@ -19,6 +19,8 @@ echo "==> cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings
 
 echo "==> cargo test"
-cargo test --locked --all-targets
+# Not --all-targets: the benches are harness-less programs that provision real
+# VMs for minutes; clippy above checks that they build.
+cargo test --locked
 
 echo "==> all checks passed in $(($(date +%s) - started)) s"
