@@ -32,6 +32,9 @@ pub struct Appliance {
 pub async fn serve(data_dir: DataDir) -> anyhow::Result<()> {
     use anyhow::Context as _;
 
+    // Signals are caught from the start: a SIGTERM during start-up must stop
+    // the server cleanly, not kill it half-started.
+    let mut stop_signals = StopSignals::install()?;
     data_dir.require_initialised()?;
     let config = Config::load(&data_dir.config_file())?;
     tracing::info!(path = %data_dir.config_file().display(), "configuration loaded");
@@ -102,7 +105,7 @@ pub async fn serve(data_dir: DataDir) -> anyhow::Result<()> {
     };
     tracing::info!("deskgrid server running; stop it with SIGTERM or Ctrl-C");
 
-    wait_for_stop_signal().await?;
+    stop_signals.wait().await;
     tracing::info!("stopping");
     // Receivers only stop listening when they are gone; nothing to handle.
     let _ = shutdown_sender.send(true);
@@ -130,15 +133,27 @@ pub async fn serve(data_dir: DataDir) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_stop_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = terminate.recv() => tracing::info!("SIGTERM received"),
-        _ = interrupt.recv() => tracing::info!("SIGINT received"),
+/// SIGTERM and SIGINT, caught from the moment they are installed.
+struct StopSignals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
     }
-    Ok(())
+
+    async fn wait(&mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => tracing::info!("SIGTERM received"),
+            _ = self.interrupt.recv() => tracing::info!("SIGINT received"),
+        }
+    }
 }
 
 fn lock_service(service: &Mutex<GridService>) -> std::sync::MutexGuard<'_, GridService> {
