@@ -6,6 +6,8 @@ pub mod discovery;
 pub mod dissemination;
 pub mod identity;
 pub mod join_token;
+pub mod membership;
 pub mod node;
 pub mod protocol;
+pub mod simulation;
 pub mod transport;
