@@ -142,6 +142,32 @@ fn wait_for_agreement(members: &[&Member], servers: usize) -> String {
     }
 }
 
+/// Waits until `member` sees `server` in `state` (alive, suspect, missing).
+/// The failure detector declares a server missing about 7–10 s after it
+/// stops answering (1 s probes, 5 s to refute a suspicion); 40 s is the bound
+/// for a loaded CI machine.
+fn wait_for_member_state(member: &Member, server: &str, state: &str) {
+    let deadline = Instant::now() + CONVERGE_TIMEOUT;
+    loop {
+        let report = status(member);
+        let seen = report["servers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|entry| entry["id"] == server)
+            .map(|entry| entry["state"].clone());
+        if seen.as_ref().and_then(|state| state.as_str()) == Some(state) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never saw {server} {state} (last: {seen:?})",
+            member.data_dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 #[test]
 fn servers_join_converge_refuse_bad_tokens_and_catch_up_after_a_crash() {
     let temp = tempfile::tempdir().unwrap();
@@ -192,8 +218,17 @@ fn servers_join_converge_refuse_bad_tokens_and_catch_up_after_a_crash() {
         "the error names the CA pin: {refused}"
     );
 
-    // Kill the third server without warning; change the grid; restart it.
+    // Kill the third server without warning: the others mark it missing.
+    let third_id = status(&third)["server_id"].as_str().unwrap().to_owned();
+    let killed = Instant::now();
     drop(third_server);
+    for member in [&first, &second] {
+        wait_for_member_state(member, &third_id, "missing");
+    }
+    eprintln!(
+        "killed server marked missing on both others after {:?}",
+        killed.elapsed()
+    );
     let _ = token(&first, 1);
     let _ = token(&second, 1);
     wait_for_agreement(&[&first, &second], 3);
@@ -206,9 +241,12 @@ fn servers_join_converge_refuse_bad_tokens_and_catch_up_after_a_crash() {
         status(&third)["state"]["entries"].as_u64().unwrap(),
         entries_while_down
     );
+    // It rejoined the membership by itself, with a new generation.
+    for member in [&first, &second] {
+        wait_for_member_state(member, &third_id, "alive");
+    }
 
     // Remove the third server for good: every member stops listening to it.
-    let third_id = status(&third)["server_id"].as_str().unwrap().to_owned();
     let output = deskgrid(&first.data_dir, &["server", "remove", &third_id]);
     assert!(
         output.status.success(),

@@ -95,6 +95,7 @@ pub async fn serve(data_dir: DataDir) -> anyhow::Result<()> {
                 ))),
                 changes,
                 crate::federation::node::NodeSettings::default(),
+                appliance.config.server.listen,
                 shutdown.clone(),
             )))
         }

@@ -167,16 +167,17 @@ impl Output {
                 }
                 print_summary(&status.state);
                 println!(
-                    "{:<36}  {:<16} {:<10} {:<22} last update",
-                    "server", "name", "site", "address"
+                    "{:<36}  {:<16} {:<10} {:<22} {:<8} last update",
+                    "server", "name", "site", "address", "state"
                 );
                 for server in &status.servers {
                     println!(
-                        "{:<36}  {:<16} {:<10} {:<22} {}{}",
+                        "{:<36}  {:<16} {:<10} {:<22} {:<8} {}{}",
                         server.id,
                         server.name,
                         server.site,
                         server.addresses.first().map_or("-", String::as_str),
+                        server.state,
                         server.updated_at_ms,
                         if server.this_server {
                             "  (this server)"

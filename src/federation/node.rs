@@ -15,6 +15,9 @@ use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, watch};
 
 use super::dissemination::{Disseminator, Outgoing};
+use super::membership::{
+    MemberId, MemberState, Membership, MembershipOutput, MembershipSettings, MembershipTimer,
+};
 use super::protocol::{self, JoinGrant, JoinRequest, PeerRequest, PeerResponse};
 use super::transport::{BoxFuture, PeerEndpoint, PeerHandler, PeerIdentity};
 use crate::model::ServerId;
@@ -31,6 +34,8 @@ pub trait GridStateAccess: Send + Sync + 'static {
     /// Every other server of the grid with its addresses.
     fn peers(&self) -> Vec<(ServerId, Vec<String>)>;
     fn revoked(&self) -> Vec<ServerId>;
+    /// What the failure detector says of every other member.
+    fn report_members(&self, members: BTreeMap<ServerId, MemberState>);
 }
 
 /// Timings of the runtime.
@@ -55,10 +60,72 @@ impl Default for NodeSettings {
 
 /// Pushes waiting for one peer before new ones are dropped.
 const PUSH_QUEUE: usize = 64;
+/// Membership datagrams waiting to be handled before new ones are dropped.
+const DATAGRAM_QUEUE: usize = 1024;
 
-/// Answers peers' requests.
+/// Peers to push to and pull from: every known server but those the failure
+/// detector declared down (missing). Servers it has not heard of yet are
+/// tried: dissemination must not wait for membership to converge.
+fn reachable(peers: &[(ServerId, Vec<String>)], membership: &Membership) -> Vec<ServerId> {
+    let members = membership.members();
+    peers
+        .iter()
+        .map(|(id, _)| *id)
+        .filter(|id| members.get(id) != Some(&MemberState::Down))
+        .collect()
+}
+
+/// Carries out what the membership asked for: datagrams, timers, news.
+fn drive_membership(
+    membership: &mut Membership,
+    endpoint: &Arc<PeerEndpoint>,
+    timers: &mpsc::UnboundedSender<MembershipTimer>,
+    access: &Arc<dyn GridStateAccess>,
+) {
+    let mut changed = false;
+    for output in membership.take_outputs() {
+        match output {
+            MembershipOutput::Send { to, bytes } => {
+                let endpoint = Arc::clone(endpoint);
+                tokio::spawn(async move {
+                    let sent = async {
+                        let connection = endpoint.connection(to.address, to.server).await?;
+                        connection.send_datagram(bytes::Bytes::from(bytes))
+                    }
+                    .await;
+                    if let Err(error) = sent {
+                        tracing::trace!(peer = %to.server, error = %error, "membership datagram not sent");
+                    }
+                });
+            }
+            MembershipOutput::ScheduleTimer { after, timer } => {
+                let timers = timers.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(after).await;
+                    let _ = timers.send(timer);
+                });
+            }
+            MembershipOutput::Notify(event) => {
+                changed = true;
+                match event.state {
+                    MemberState::Alive => tracing::info!(server = %event.server, "member alive"),
+                    MemberState::Suspect => {
+                        tracing::warn!(server = %event.server, "member suspect")
+                    }
+                    MemberState::Down => tracing::warn!(server = %event.server, "member missing"),
+                }
+            }
+        }
+    }
+    if changed {
+        access.report_members(membership.members());
+    }
+}
+
+/// Answers peers' requests and hands their datagrams to the membership.
 struct RequestHandler {
     access: Arc<dyn GridStateAccess>,
+    datagrams: mpsc::Sender<(ServerId, bytes::Bytes)>,
 }
 
 impl PeerHandler for RequestHandler {
@@ -84,8 +151,11 @@ impl PeerHandler for RequestHandler {
         })
     }
 
-    fn handle_datagram(&self, peer: ServerId, _datagram: bytes::Bytes) {
-        tracing::debug!(%peer, "datagram ignored: no datagram protocol yet");
+    fn handle_datagram(&self, peer: ServerId, datagram: bytes::Bytes) {
+        // A full queue drops the datagram: SWIM is built to survive loss.
+        if self.datagrams.try_send((peer, datagram)).is_err() {
+            tracing::debug!(%peer, "membership datagram dropped: queue full");
+        }
     }
 }
 
@@ -150,11 +220,14 @@ pub async fn run(
     access: Arc<dyn GridStateAccess>,
     mut changes: broadcast::Receiver<Delta>,
     settings: NodeSettings,
+    advertised: SocketAddr,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let own = endpoint.server_id();
+    let (datagram_sender, mut datagrams) = mpsc::channel(DATAGRAM_QUEUE);
     let server = tokio::spawn(Arc::clone(&endpoint).serve(Arc::new(RequestHandler {
         access: Arc::clone(&access),
+        datagrams: datagram_sender,
     })));
     let interval_ms = u64::try_from(settings.anti_entropy_interval.as_millis()).unwrap_or(u64::MAX);
     let mut disseminator = Disseminator::new(own, interval_ms, rand::random());
@@ -162,15 +235,58 @@ pub async fn run(
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let started = tokio::time::Instant::now();
+    let elapsed_ms = move || u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     let pull_running = Arc::new(tokio::sync::Mutex::new(()));
+
+    // Membership: a new generation at every start, so a server once declared
+    // down comes back as itself.
+    let generation = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+        });
+    let (timer_sender, mut timers) = mpsc::unbounded_channel::<MembershipTimer>();
+    let mut membership = match Membership::new(
+        MemberId::new(own, advertised, generation),
+        MembershipSettings::default(),
+        rand::random(),
+    ) {
+        Ok(membership) => membership,
+        Err(error) => {
+            tracing::error!(error = %crate::error_chain(&error), "cannot start membership");
+            server.abort();
+            return;
+        }
+    };
+    let known: Vec<(ServerId, SocketAddr)> = blocking(&access, |access| access.peers())
+        .await
+        .into_iter()
+        .filter_map(|(id, addresses)| dialable(&addresses).map(|address| (id, address)))
+        .collect();
+    if let Err(error) = membership.join_known(known, elapsed_ms()) {
+        tracing::debug!(error = %crate::error_chain(&error), "membership join");
+    }
+    drive_membership(&mut membership, &endpoint, &timer_sender, &access);
 
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
+            Some((peer, datagram)) = datagrams.recv() => {
+                if let Err(error) = membership.handle_datagram(peer, &datagram, elapsed_ms()) {
+                    tracing::debug!(%peer, error = %crate::error_chain(&error), "membership datagram dropped");
+                }
+                drive_membership(&mut membership, &endpoint, &timer_sender, &access);
+            }
+            Some(timer) = timers.recv() => {
+                if let Err(error) = membership.handle_timer(timer, elapsed_ms()) {
+                    tracing::debug!(error = %crate::error_chain(&error), "membership timer");
+                }
+                drive_membership(&mut membership, &endpoint, &timer_sender, &access);
+            }
             change = changes.recv() => match change {
                 Ok(delta) => {
                     let peers = blocking(&access, |access| access.peers()).await;
-                    let alive: Vec<ServerId> = peers.iter().map(|(id, _)| *id).collect();
+                    let alive = reachable(&peers, &membership);
                     for outgoing in disseminator.on_local_change(&delta, &alive) {
                         let Outgoing::Push { to, delta } = outgoing else { continue };
                         let Some(address) = peers.iter().find(|(id, _)| *id == to).and_then(|(_, addresses)| dialable(addresses)) else {
@@ -193,8 +309,8 @@ pub async fn run(
             _ = tick.tick() => {
                 let (peers, vector, revoked) = blocking(&access, |access| (access.peers(), access.version_vector(), access.revoked())).await;
                 endpoint.revocations().replace_all(revoked);
-                let alive: Vec<ServerId> = peers.iter().map(|(id, _)| *id).collect();
-                let now_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                let alive = reachable(&peers, &membership);
+                let now_ms = elapsed_ms();
                 if let Some(Outgoing::Pull { from, since }) = disseminator.on_tick(now_ms, &alive, &vector) {
                     let Some(address) = peers.iter().find(|(id, _)| *id == from).and_then(|(_, addresses)| dialable(addresses)) else { continue };
                     let Ok(guard) = Arc::clone(&pull_running).try_lock_owned() else { continue };

@@ -275,4 +275,11 @@ impl crate::federation::node::GridStateAccess for FederatedService {
     fn revoked(&self) -> Vec<ServerId> {
         self.lock().revoked_servers()
     }
+
+    fn report_members(
+        &self,
+        members: std::collections::BTreeMap<ServerId, crate::federation::membership::MemberState>,
+    ) {
+        self.lock().member_states = members;
+    }
 }

@@ -68,6 +68,9 @@ pub struct ServerSummary {
     pub this_server: bool,
     /// Removed from the grid for good (`deskgrid server remove`).
     pub removed: bool,
+    /// `alive`, `suspect` or `missing` as the failure detector sees it;
+    /// `unknown` until it has heard of the server (or without a grid).
+    pub state: String,
 }
 
 /// The grid state as this server holds it.
@@ -96,6 +99,8 @@ pub struct GridService {
     /// Every delta committed here, local or learnt, for the federation to
     /// send on; receivers that fall behind miss some and anti-entropy heals.
     changes: tokio::sync::broadcast::Sender<Delta>,
+    /// What the failure detector last said of the other servers.
+    member_states: std::collections::BTreeMap<ServerId, crate::federation::membership::MemberState>,
 }
 
 impl GridService {
@@ -114,6 +119,7 @@ impl GridService {
             started_at_ms: now_ms(),
             grid_ca: None,
             changes: tokio::sync::broadcast::channel(CHANGE_QUEUE).0,
+            member_states: std::collections::BTreeMap::new(),
         };
         Ok((service, report))
     }
@@ -226,6 +232,7 @@ impl GridService {
                     updated_at_ms: record.updated_at_ms,
                     this_server: id == self.server_id,
                     removed: self.is_revoked(id),
+                    state: self.member_state(id).to_owned(),
                 })
                 .collect(),
             state: self.summary(),
@@ -241,6 +248,21 @@ impl GridService {
             generation: self.store.generation(),
             log_records: self.store.log_records(),
             log_bytes: self.store.log_bytes(),
+        }
+    }
+}
+
+impl GridService {
+    fn member_state(&self, server: ServerId) -> &'static str {
+        use crate::federation::membership::MemberState;
+        if server == self.server_id {
+            return "alive";
+        }
+        match self.member_states.get(&server) {
+            Some(MemberState::Alive) => "alive",
+            Some(MemberState::Suspect) => "suspect",
+            Some(MemberState::Down) => "missing",
+            None => "unknown",
         }
     }
 }
