@@ -333,6 +333,17 @@ fn a_seed_that_is_not_a_deskgrid_server_is_a_clear_error() {
     );
 }
 
+/// `deskgrid --data-dir DATA_DIR ARGUMENTS` run inside `namespace`.
+fn deskgrid_in(namespace: &str, data_dir: &Path, arguments: &[&str]) -> std::process::Command {
+    let mut command = std::process::Command::new("ip");
+    command
+        .args(["netns", "exec", namespace, common::DESKGRID, "--data-dir"])
+        .arg(data_dir)
+        .args(arguments)
+        .env_remove("RUST_LOG");
+    command
+}
+
 /// A network namespace with only loopback, removed when dropped.
 struct Namespace(String);
 
@@ -358,13 +369,7 @@ impl Namespace {
     }
 
     fn command(&self, data_dir: &Path, arguments: &[&str]) -> std::process::Command {
-        let mut command = std::process::Command::new("ip");
-        command
-            .args(["netns", "exec", &self.0, common::DESKGRID, "--data-dir"])
-            .arg(data_dir)
-            .args(arguments)
-            .env_remove("RUST_LOG");
-        command
+        deskgrid_in(&self.0, data_dir, arguments)
     }
 }
 
@@ -411,20 +416,7 @@ fn a_grid_announced_by_mdns_is_discovered() {
     let created: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     let grid_id = created["grid_id"].as_str().unwrap().to_owned();
 
-    let mut server = namespace
-        .command(&data_dir, &["serve"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !data_dir.join("control.sock").exists() {
-        assert!(
-            Instant::now() < deadline,
-            "serve did not start in the namespace"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let server = NamespacedServer::start(namespace.command(&data_dir, &["serve"]), &data_dir);
     let found = namespace
         .command(
             &temp.path().join("unused"),
@@ -434,8 +426,7 @@ fn a_grid_announced_by_mdns_is_discovered() {
         )
         .output()
         .unwrap();
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     assert!(found.status.success(), "{}", stderr(&found));
     let grids: serde_json::Value = serde_json::from_slice(&found.stdout).unwrap();
     let grid = grids
@@ -534,13 +525,7 @@ impl SplitNetwork {
         data_dir: &Path,
         arguments: &[&str],
     ) -> std::process::Command {
-        let mut command = std::process::Command::new("ip");
-        command
-            .args(["netns", "exec", namespace, common::DESKGRID, "--data-dir"])
-            .arg(data_dir)
-            .args(arguments)
-            .env_remove("RUST_LOG");
-        command
+        deskgrid_in(namespace, data_dir, arguments)
     }
 }
 
@@ -558,22 +543,23 @@ impl Drop for SplitNetwork {
 struct NamespacedServer(std::process::Child);
 
 impl NamespacedServer {
-    fn start(network: &SplitNetwork, namespace: &str, data_dir: &Path) -> Self {
-        let child = network
-            .deskgrid(namespace, data_dir, &["serve"])
+    /// Starts `serve` (a command from [`deskgrid_in`]) and waits for its socket.
+    fn start(mut serve: std::process::Command, data_dir: &Path) -> Self {
+        let child = serve
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
+        let server = Self(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while !data_dir.join("control.sock").exists() {
             assert!(
                 Instant::now() < deadline,
-                "serve did not start in {namespace}"
+                "serve did not start in its namespace"
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        Self(child)
+        server
     }
 }
 
@@ -624,7 +610,10 @@ fn both_sides_of_a_partition_keep_writing_and_converge_after_the_heal() {
         .output()
         .unwrap();
     assert!(output.status.success(), "{}", stderr(&output));
-    let _left_server = NamespacedServer::start(&network, &network.left, &left.data_dir);
+    let _left_server = NamespacedServer::start(
+        network.deskgrid(&network.left, &left.data_dir, &["serve"]),
+        &left.data_dir,
+    );
     // The CLI reaches a server through its Unix socket, from any namespace.
     let join_token = token(&left, 1);
     let output = network
@@ -649,7 +638,10 @@ fn both_sides_of_a_partition_keep_writing_and_converge_after_the_heal() {
         "join across the veth pair: {}",
         stderr(&output)
     );
-    let _right_server = NamespacedServer::start(&network, &network.right, &right.data_dir);
+    let _right_server = NamespacedServer::start(
+        network.deskgrid(&network.right, &right.data_dir, &["serve"]),
+        &right.data_dir,
+    );
     wait_for_agreement(&[&left, &right], 2);
 
     network.connect(false);
