@@ -199,16 +199,8 @@ impl GridService {
     /// how many entries changed. Our clock moves past the peer's stamps.
     pub fn apply_remote(&mut self, from: ServerId, delta: &Delta) -> Result<usize, ServiceError> {
         delta.validate()?;
-        if delta
-            .servers
-            .iter()
-            .any(|(server, _)| *server == self.server_id)
-            && from != self.server_id
-        {
-            // Our own record comes back to us through relays; ours is newer
-            // or equal unless we lost our state, and then the merge is right.
-            tracing::debug!(peer = %from, "delta carries this server's own record");
-        }
+        // Our own record may come back through relays: ours is newer or
+        // equal unless we lost our state, and then merging it is right.
         let novel = self.state.novel_part(delta);
         if novel.is_empty() && !self.state.would_advance(&novel) {
             return Ok(0);
