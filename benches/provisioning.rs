@@ -429,6 +429,7 @@ impl Bench {
             desired_vms: u32::try_from(options.n_vms).unwrap_or(u32::MAX),
             min_idle_vms: 0,
             min_replicas: 1,
+            concurrency_percent: 0,
             kind: Default::default(),
             display: Default::default(),
             monitors: 1,

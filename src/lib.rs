@@ -13,6 +13,8 @@ pub mod appliance;
 pub mod cli;
 /// Typed identifiers and records; depends on nothing else here.
 pub mod model;
+/// The load balancers as pure functions: state in, plan out.
+pub mod placement;
 /// The service layer every face goes through.
 pub mod service;
 /// The state engine: replicated grid state, merge rules, crash-safe files.

@@ -43,6 +43,7 @@ fn template(name: &str, image: &ImageVersionId) -> Template {
         desired_vms: 3,
         min_idle_vms: 1,
         min_replicas: 2,
+        concurrency_percent: 0,
         kind: Default::default(),
         display: Default::default(),
         monitors: 2,

@@ -154,6 +154,7 @@ fn three_linked_clones_boot_and_answer_on_their_own_channels() {
         desired_vms: N_VMS as u32,
         min_idle_vms: 0,
         min_replicas: 1,
+        concurrency_percent: 0,
         kind: Default::default(),
         display: DisplayProtocol::Spice,
         monitors: 1,

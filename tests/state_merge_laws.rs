@@ -66,6 +66,7 @@ fn template(name: u8, vcpus: u32) -> Template {
         desired_vms: 4,
         min_idle_vms: 1,
         min_replicas: 2,
+        concurrency_percent: 0,
         kind: Default::default(),
         display: Default::default(),
         monitors: 1,

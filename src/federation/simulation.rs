@@ -1087,6 +1087,7 @@ pub fn office_template(desired_vms: u32) -> ConfigValue {
         desired_vms,
         min_idle_vms: 2,
         min_replicas: 2,
+        concurrency_percent: 0,
         kind: TemplateKind::Pooled,
         display: DisplayProtocol::Spice,
         monitors: 1,

@@ -17,7 +17,10 @@ pub use ids::{GridId, ServerId, SessionId, VmId};
 pub use image::{BaseImage, ImageDigest, ImageState};
 pub use names::{GroupName, ImageVersionId, Name, SiteLabel, TemplateName, UserName};
 pub use policy::Policy;
-pub use server::{HostCapacity, ImageHolding, ServerRecord, SessionRecord, VmRecord, VmState};
+pub use server::{
+    HostCapacity, ImageHolding, JobRecord, JobState, ServerRecord, SessionRecord, VmRecord, VmState,
+    MAX_JOBS_PER_SERVER,
+};
 pub use template::{DisplayProtocol, Template, TemplateKind};
 pub use users::{Entitlement, EntitlementSubject, Group, JoinToken, Role, User, MAX_TOKEN_USES};
 

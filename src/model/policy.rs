@@ -19,6 +19,9 @@ pub struct Policy {
     pub desired_change_threshold: u32,
     /// Memory kept free on every host for the host itself, in MiB.
     pub host_reserved_memory_mib: u64,
+    /// Desktop VMs one server boots at the same time (a 9 a.m. pool refill
+    /// must not become a boot storm).
+    pub max_concurrent_boots: u32,
 }
 
 impl Default for Policy {
@@ -29,6 +32,7 @@ impl Default for Policy {
             replica_hysteresis: 1,
             desired_change_threshold: 1,
             host_reserved_memory_mib: 2048,
+            max_concurrent_boots: 4,
         }
     }
 }
@@ -59,6 +63,7 @@ impl Policy {
             self.host_reserved_memory_mib,
             0,
             1 << 20,
-        )
+        )?;
+        check_range("max_concurrent_boots", self.max_concurrent_boots.into(), 1, 256)
     }
 }

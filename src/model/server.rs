@@ -14,6 +14,8 @@ pub const MAX_ADDRESS_LEN: usize = 128;
 pub const MAX_IMAGES_PER_SERVER: usize = 1_024;
 pub const MAX_VMS_PER_SERVER: usize = 4_096;
 pub const MAX_SESSIONS_PER_SERVER: usize = 4_096;
+pub const MAX_JOBS_PER_SERVER: usize = 256;
+pub const MAX_JOB_TEXT_LEN: usize = 1_024;
 
 /// What a host has and what is still free, as libvirt reports it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,6 +61,11 @@ pub struct VmRecord {
     pub image: ImageVersionId,
     pub state: VmState,
     pub user: Option<UserName>,
+    /// What the VM was created with (its template may change or go later).
+    #[serde(default)]
+    pub vcpus: u32,
+    #[serde(default)]
+    pub memory_mib: u64,
 }
 
 /// A user's session on a VM of this server.
@@ -68,6 +75,31 @@ pub struct SessionRecord {
     pub user: UserName,
     pub vm: VmId,
     pub started_at_ms: u64,
+}
+
+/// Where one of this server's policy jobs is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobState {
+    /// Being worked on now.
+    Running,
+    /// Waiting for something else (an image, a boot slot, a retry time).
+    Waiting,
+    /// Failed and will be retried after a back-off.
+    Failed,
+}
+
+/// A plan step this server is carrying out, shown to every admin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// The step's stable key (what it does to which object).
+    pub key: String,
+    /// What the step does, for people.
+    pub summary: String,
+    pub state: JobState,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    pub updated_at_ms: u64,
 }
 
 /// Everything one server says about itself (single writer: that server).
@@ -87,6 +119,9 @@ pub struct ServerRecord {
     pub vms: BTreeMap<VmId, VmRecord>,
     #[serde(default)]
     pub sessions: BTreeMap<SessionId, SessionRecord>,
+    /// Policy jobs in progress or failing, by key.
+    #[serde(default)]
+    pub jobs: Vec<JobRecord>,
     /// Unix milliseconds of the writer's clock at the last update.
     pub updated_at_ms: u64,
 }
@@ -103,6 +138,7 @@ impl ServerRecord {
             images: BTreeMap::new(),
             vms: BTreeMap::new(),
             sessions: BTreeMap::new(),
+            jobs: Vec::new(),
             updated_at_ms: now_ms,
         }
     }
@@ -117,6 +153,16 @@ impl ServerRecord {
         check_count("images", self.images.len(), MAX_IMAGES_PER_SERVER)?;
         check_count("vms", self.vms.len(), MAX_VMS_PER_SERVER)?;
         check_count("sessions", self.sessions.len(), MAX_SESSIONS_PER_SERVER)?;
+        check_count("jobs", self.jobs.len(), MAX_JOBS_PER_SERVER)?;
+        for job in &self.jobs {
+            check_text("job key", &job.key, MAX_JOB_TEXT_LEN)?;
+            check_text("job summary", &job.summary, MAX_JOB_TEXT_LEN)?;
+            check_text(
+                "job error",
+                job.last_error.as_deref().unwrap_or_default(),
+                MAX_JOB_TEXT_LEN,
+            )?;
+        }
         for holding in self.images.values() {
             if let ImageHolding::Partial {
                 bytes_done,

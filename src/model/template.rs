@@ -53,6 +53,10 @@ pub struct Template {
     /// The fewest servers that must hold the base image, whatever the VM count.
     #[serde(default = "default_min_replicas")]
     pub min_replicas: u32,
+    /// When above zero, the grid keeps at least this percentage of the
+    /// template's entitled users in VMs (`desired_vms` stays the floor).
+    #[serde(default)]
+    pub concurrency_percent: u32,
     #[serde(default)]
     pub kind: TemplateKind,
     #[serde(default)]
@@ -82,6 +86,7 @@ impl Template {
         check_range("desired_vms", self.desired_vms.into(), 0, MAX_DESIRED_VMS)?;
         check_range("min_idle_vms", self.min_idle_vms.into(), 0, MAX_DESIRED_VMS)?;
         check_range("min_replicas", self.min_replicas.into(), 1, MAX_REPLICAS)?;
+        check_range("concurrency_percent", self.concurrency_percent.into(), 0, 100)?;
         check_range("monitors", self.monitors.into(), 1, MAX_MONITORS)?;
         Ok(())
     }
@@ -97,6 +102,7 @@ pub(crate) fn sample_template(name: &str) -> Template {
         desired_vms: 10,
         min_idle_vms: 2,
         min_replicas: 2,
+        concurrency_percent: 0,
         kind: TemplateKind::Pooled,
         display: DisplayProtocol::Spice,
         monitors: 1,
