@@ -30,7 +30,7 @@ pub enum PeerRequest {
     /// Send me what I lack: my version vector is `since`.
     PullState { since: VersionVector },
     /// A new server asks to join (only on a join connection).
-    Join(JoinRequest),
+    Join(Box<JoinRequest>),
 }
 
 /// What a joining server sends once it has checked the grid's CA.

@@ -18,10 +18,12 @@ pub use image::{BaseImage, ImageDigest, ImageState};
 pub use names::{GroupName, ImageVersionId, Name, SiteLabel, TemplateName, UserName};
 pub use policy::Policy;
 pub use server::{
-    HostCapacity, ImageHolding, JobRecord, JobState, ServerRecord, SessionRecord, VmRecord, VmState,
-    MAX_JOBS_PER_SERVER,
+    HostCapacity, ImageHolding, JobRecord, JobState, ServerRecord, SessionRecord, VmRecord,
+    VmState, MAX_JOBS_PER_SERVER,
 };
-pub use template::{DisplayProtocol, Template, TemplateKind};
+pub use template::{
+    DisplayProtocol, Template, TemplateKind, DEFAULT_MIN_REPLICAS, MAX_DESIRED_VMS,
+};
 pub use users::{Entitlement, EntitlementSubject, Group, JoinToken, Role, User, MAX_TOKEN_USES};
 
 /// Why a value was refused at the edge of the model.

@@ -64,6 +64,11 @@ impl Policy {
             0,
             1 << 20,
         )?;
-        check_range("max_concurrent_boots", self.max_concurrent_boots.into(), 1, 256)
+        check_range(
+            "max_concurrent_boots",
+            self.max_concurrent_boots.into(),
+            1,
+            256,
+        )
     }
 }

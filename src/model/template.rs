@@ -65,8 +65,11 @@ pub struct Template {
     pub monitors: u32,
 }
 
+/// Servers that hold a base image when its template says nothing else.
+pub const DEFAULT_MIN_REPLICAS: u32 = 2;
+
 fn default_min_replicas() -> u32 {
-    2
+    DEFAULT_MIN_REPLICAS
 }
 
 fn default_monitors() -> u32 {
@@ -86,7 +89,12 @@ impl Template {
         check_range("desired_vms", self.desired_vms.into(), 0, MAX_DESIRED_VMS)?;
         check_range("min_idle_vms", self.min_idle_vms.into(), 0, MAX_DESIRED_VMS)?;
         check_range("min_replicas", self.min_replicas.into(), 1, MAX_REPLICAS)?;
-        check_range("concurrency_percent", self.concurrency_percent.into(), 0, 100)?;
+        check_range(
+            "concurrency_percent",
+            self.concurrency_percent.into(),
+            0,
+            100,
+        )?;
         check_range("monitors", self.monitors.into(), 1, MAX_MONITORS)?;
         Ok(())
     }

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::{ImageVersionId, ServerId, TemplateName, VmId};
 
 pub use analysis::{analyze, Analysis};
-pub use balance::plan;
+pub use balance::{desired_vms, plan};
 pub use connection::ConnectionIndex;
 pub use rendezvous::{rendezvous, seed_from_bytes};
 pub use view::{GridView, Liveness, ServerView};
@@ -131,7 +131,10 @@ pub enum Reason {
     /// Fewer servers hold the image than its templates' minimum replicas.
     BelowMinReplicas { holders: u32, need: u32 },
     /// The image's holders have no room for VMs its templates still need.
-    RoomForVms { template: TemplateName, unplaced: u32 },
+    RoomForVms {
+        template: TemplateName,
+        unplaced: u32,
+    },
     /// More copies than needed plus the hysteresis margin.
     SurplusCopy { holders: u32, keep: u32 },
     /// The image is retired or unknown and no VM here uses it any more.
@@ -142,6 +145,8 @@ pub enum Reason {
     Surplus { desired: u32, allocated: u32 },
     /// The VM failed; it is replaced by a fresh one.
     FailedVm,
+    /// The idle VM runs an image version its template no longer uses.
+    OutdatedImage,
     /// The VM's template was deleted.
     TemplateDeleted,
 }
@@ -169,6 +174,9 @@ impl fmt::Display for Reason {
                 write!(formatter, "{allocated} VMs exist, {desired} desired")
             }
             Self::FailedVm => write!(formatter, "the VM failed"),
+            Self::OutdatedImage => {
+                write!(formatter, "its template moved to another image version")
+            }
             Self::TemplateDeleted => write!(formatter, "its template was deleted"),
         }
     }

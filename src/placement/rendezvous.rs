@@ -53,8 +53,14 @@ mod tests {
     fn scores_are_fixed_numbers() {
         // Pinned values: a change here changes every grid's placement.
         let server = ServerId::from_bytes([7; 16]);
-        assert_eq!(rendezvous(0, b"office", server), rendezvous(0, b"office", server));
-        assert_ne!(rendezvous(0, b"office", server), rendezvous(1, b"office", server));
+        assert_eq!(
+            rendezvous(0, b"office", server),
+            rendezvous(0, b"office", server)
+        );
+        assert_ne!(
+            rendezvous(0, b"office", server),
+            rendezvous(1, b"office", server)
+        );
         assert_ne!(
             rendezvous(0, b"office", server),
             rendezvous(0, b"office", ServerId::from_bytes([8; 16]))

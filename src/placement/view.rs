@@ -127,14 +127,15 @@ impl<'a> GridView<'a> {
                 }
             }
         }
-        let servers = state
-            .servers()
-            .filter(|(id, _)| !revoked.contains(id))
-            .map(|(id, record)| ServerView {
-                id,
-                liveness: liveness(id),
-                record,
-            });
+        let servers =
+            state
+                .servers()
+                .filter(|(id, _)| !revoked.contains(id))
+                .map(|(id, record)| ServerView {
+                    id,
+                    liveness: liveness(id),
+                    record,
+                });
         Self::new(
             servers,
             templates,

@@ -105,12 +105,12 @@ pub fn join_grid(
         config.server.site.clone(),
         now_ms(),
     );
-    let request = PeerRequest::Join(JoinRequest {
+    let request = PeerRequest::Join(Box::new(JoinRequest {
         secret_hex: token.secret_hex(),
         server_id,
         csr_pem,
         record,
-    });
+    }));
 
     let runtime = tokio::runtime::Runtime::new().map_err(SetupError::Runtime)?;
     let transport = |source| SetupError::Transport {
