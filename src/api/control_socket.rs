@@ -16,6 +16,8 @@ use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
+use crate::model::{Template, TemplateName};
+use crate::service::templates::{StoredTemplate, TemplateChange};
 use crate::service::{GridService, StateSummary, StatusReport};
 
 /// The protocol version this build speaks.
@@ -38,8 +40,27 @@ pub struct ControlRequest {
 pub enum ControlCommand {
     Status,
     CompactState,
-    CreateJoinToken { ttl_seconds: u64, uses: u32 },
-    RemoveServer { id: crate::model::ServerId },
+    CreateJoinToken {
+        ttl_seconds: u64,
+        uses: u32,
+    },
+    RemoveServer {
+        id: crate::model::ServerId,
+    },
+    /// Stores a new template; refused when the name is taken.
+    CreateTemplate {
+        template: Template,
+    },
+    /// Changes the given settings of an existing template.
+    UpdateTemplate {
+        name: TemplateName,
+        change: TemplateChange,
+    },
+    /// Deletes an existing template.
+    DeleteTemplate {
+        name: TemplateName,
+    },
+    ListTemplates,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,8 +68,20 @@ pub enum ControlCommand {
 pub enum ControlReply {
     Status(Box<StatusReport>),
     Compacted(StateSummary),
-    JoinToken { token: String, expires_at_ms: u64 },
-    ServerRemoved { id: crate::model::ServerId },
+    JoinToken {
+        token: String,
+        expires_at_ms: u64,
+    },
+    ServerRemoved {
+        id: crate::model::ServerId,
+    },
+    /// A template as created or changed, with warnings for the admin.
+    TemplateStored(StoredTemplate),
+    TemplateDeleted {
+        name: TemplateName,
+    },
+    /// Every template, sorted by name.
+    Templates(Vec<Template>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -241,5 +274,22 @@ fn execute(service: &Mutex<GridService>, command: ControlCommand) -> ControlResp
             Ok(summary) => ControlResponse::Ok(ControlReply::Compacted(summary)),
             Err(error) => ControlResponse::Error(crate::error_chain(&error)),
         },
+        ControlCommand::CreateTemplate { template } => match service.create_template(template) {
+            Ok(stored) => ControlResponse::Ok(ControlReply::TemplateStored(stored)),
+            Err(error) => ControlResponse::Error(crate::error_chain(&error)),
+        },
+        ControlCommand::UpdateTemplate { name, change } => {
+            match service.update_template(&name, &change) {
+                Ok(stored) => ControlResponse::Ok(ControlReply::TemplateStored(stored)),
+                Err(error) => ControlResponse::Error(crate::error_chain(&error)),
+            }
+        }
+        ControlCommand::DeleteTemplate { name } => match service.delete_template(&name) {
+            Ok(()) => ControlResponse::Ok(ControlReply::TemplateDeleted { name }),
+            Err(error) => ControlResponse::Error(crate::error_chain(&error)),
+        },
+        ControlCommand::ListTemplates => {
+            ControlResponse::Ok(ControlReply::Templates(service.templates()))
+        }
     }
 }

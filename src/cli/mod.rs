@@ -7,6 +7,7 @@
 
 mod output;
 mod setup;
+mod templates;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -91,6 +92,10 @@ pub enum Command {
     /// This server's host: is it ready for desktops?
     #[command(subcommand)]
     Host(HostCommand),
+
+    /// Desktop templates of the grid (asks the running server).
+    #[command(subcommand)]
+    Template(templates::TemplateCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -320,6 +325,7 @@ fn run(cli: Cli, output: &Output) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Template(command) => templates::run(&data_dir, command, output),
         Command::Serve => {
             let runtime =
                 tokio::runtime::Runtime::new().context("cannot start the async runtime")?;

@@ -5,8 +5,9 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::appliance::data_dir::DataDir;
-use crate::model::{GridId, ServerId, UserName};
+use crate::model::{GridId, ServerId, Template, TemplateKind, TemplateName, UserName};
 use crate::service::host_check::{CheckStatus, HostCheckReport};
+use crate::service::templates::StoredTemplate;
 use crate::service::{StateSummary, StatusReport};
 use crate::state::RecoveryReport;
 
@@ -288,4 +289,93 @@ fn print_summary(summary: &StateSummary) {
         "storage  snapshot generation {}, log {} records ({} bytes)",
         summary.generation, summary.log_records, summary.log_bytes
     );
+}
+
+/// Templates.
+impl Output {
+    /// A template just created or changed (`done`); warnings go to stderr
+    /// whatever the format, so JSON on stdout stays clean.
+    pub fn template_stored(&self, stored: &StoredTemplate, done: &str) {
+        let template = &stored.template;
+        match self.format {
+            OutputFormat::Text => println!(
+                "template {} {done}: image {}, {} vCPUs, {} MiB, {} desired, {} min idle, {} replicas, {}, {}, {} monitor(s)",
+                template.name,
+                template.image,
+                template.vcpus,
+                template.memory_mib,
+                template.desired_vms,
+                template.min_idle_vms,
+                template.min_replicas,
+                kind_label(template.kind),
+                display_label(template.display),
+                template.monitors,
+            ),
+            OutputFormat::Json => self.json(template),
+        }
+        for warning in &stored.warnings {
+            eprintln!("warning: {warning}");
+        }
+    }
+
+    pub fn template_deleted(&self, name: &TemplateName) {
+        match self.format {
+            OutputFormat::Text => println!("template {name} deleted"),
+            OutputFormat::Json => self.json(&serde_json::json!({ "deleted": name })),
+        }
+    }
+
+    /// Templates as a table (sorted by name, as the server sends them).
+    pub fn templates(&self, templates: &[Template]) {
+        match self.format {
+            OutputFormat::Text => {
+                if templates.is_empty() {
+                    println!("no templates yet: create one with `deskgrid template create NAME --image VERSION --vcpus N --memory MIB --desired N`");
+                    return;
+                }
+                let name_width = column_width("name", templates.iter().map(|t| t.name.to_string()));
+                let image_width =
+                    column_width("image", templates.iter().map(|t| t.image.to_string()));
+                println!(
+                    "{:<name_width$}  {:<image_width$}  {:>5}  {:>10}  {:>7}  {:>8}  {:>8}  kind",
+                    "name", "image", "vcpus", "memory", "desired", "min idle", "replicas"
+                );
+                for template in templates {
+                    println!(
+                        "{:<name_width$}  {:<image_width$}  {:>5}  {:>10}  {:>7}  {:>8}  {:>8}  {}",
+                        template.name.to_string(),
+                        template.image.to_string(),
+                        template.vcpus,
+                        format!("{} MiB", template.memory_mib),
+                        template.desired_vms,
+                        template.min_idle_vms,
+                        template.min_replicas,
+                        kind_label(template.kind),
+                    );
+                }
+            }
+            OutputFormat::Json => self.json(&templates),
+        }
+    }
+}
+
+fn kind_label(kind: TemplateKind) -> &'static str {
+    match kind {
+        TemplateKind::Pooled => "pooled",
+        TemplateKind::Personal => "personal",
+    }
+}
+
+fn display_label(display: crate::model::DisplayProtocol) -> &'static str {
+    match display {
+        crate::model::DisplayProtocol::Spice => "spice",
+        crate::model::DisplayProtocol::Vnc => "vnc",
+    }
+}
+
+/// The width of a text column: its widest cell or its header.
+fn column_width(header: &str, cells: impl Iterator<Item = String>) -> usize {
+    cells
+        .map(|cell| cell.chars().count())
+        .fold(header.len(), usize::max)
 }

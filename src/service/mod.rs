@@ -9,6 +9,7 @@ pub mod grid;
 pub mod host_check;
 pub mod host_worker;
 pub mod setup;
+pub mod templates;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

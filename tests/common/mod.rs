@@ -100,3 +100,73 @@ impl Drop for Server {
         }
     }
 }
+
+/// A UDP port free on 127.0.0.1 right now (for a server's QUIC listener).
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `deskgrid init --new-grid` in `data_dir` on a free loopback port with
+/// libvirt's test driver; returns the address peers reach it on.
+pub fn init_new_grid(data_dir: &Path, name: &str) -> String {
+    let address = format!("127.0.0.1:{}", free_udp_port());
+    let password = data_dir.with_extension("admin-password");
+    std::fs::write(&password, "correct horse battery staple\n").unwrap();
+    let password = password.display().to_string();
+    let output = deskgrid(
+        data_dir,
+        &[
+            "init",
+            "--new-grid",
+            "--admin-password-file",
+            &password,
+            "--name",
+            name,
+            "--listen",
+            &address,
+            "--libvirt",
+            "test:///default",
+        ],
+    );
+    assert!(
+        output.status.success(),
+        "init --new-grid: {}",
+        stderr(&output)
+    );
+    address
+}
+
+/// A one-use join token from the server running on `data_dir`.
+pub fn join_token(data_dir: &Path) -> String {
+    let output = deskgrid(data_dir, &["--output", "json", "token", "create"]);
+    assert!(output.status.success(), "token create: {}", stderr(&output));
+    let created: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    created["token"].as_str().unwrap().to_owned()
+}
+
+/// `deskgrid join SEED --token TOKEN` into `data_dir` on a free loopback
+/// port with libvirt's test driver; returns its address.
+pub fn join_grid(data_dir: &Path, name: &str, seed: &str, token: &str) -> String {
+    let address = format!("127.0.0.1:{}", free_udp_port());
+    let output = deskgrid(
+        data_dir,
+        &[
+            "join",
+            seed,
+            "--token",
+            token,
+            "--name",
+            name,
+            "--listen",
+            &address,
+            "--libvirt",
+            "test:///default",
+        ],
+    );
+    assert!(output.status.success(), "join: {}", stderr(&output));
+    address
+}
