@@ -15,6 +15,8 @@ pub mod cli;
 pub mod model;
 /// The load balancers as pure functions: state in, plan out.
 pub mod placement;
+/// The reconcile loop: runs this server's plan steps as jobs on its host.
+pub mod policy;
 /// The service layer every face goes through.
 pub mod service;
 /// The state engine: replicated grid state, merge rules, crash-safe files.

@@ -133,10 +133,12 @@ const LAYER_RULES: &[LayerRule] = &[
             Module("federation"),
             Module("transfer"),
             Module("desktop"),
+            // The service implements `policy::PolicyHost` and starts the loop.
+            Module("policy"),
             PathPrefix(&["appliance", "config"]),
             PathPrefix(&["appliance", "data_dir"]),
         ],
-        rule: "`service` depends on the core, the adapters, `appliance::config` and \
+        rule: "`service` depends on the core, the adapters, `policy`, `appliance::config` and \
                `appliance::data_dir`, never on the faces (`api`, `cli`, `console`)",
     },
     LayerRule {

@@ -312,6 +312,8 @@ fn a_seed_that_is_not_a_deskgrid_server_is_a_clear_error() {
             &seed,
             "--token",
             &token,
+            "--listen",
+            "127.0.0.1:7443",
             "--libvirt",
             "test:///default",
         ],
@@ -331,6 +333,204 @@ fn a_seed_that_is_not_a_deskgrid_server_is_a_clear_error() {
         "nothing written: {}",
         stdout(&output)
     );
+}
+
+/// Rewrites one `key = value` line of a server's `config.toml`.
+fn edit_config(member: &Member, line_starting: &str, replacement: &str) {
+    let path = member.data_dir.join("config.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut found = false;
+    let edited: Vec<&str> = text
+        .lines()
+        .map(|line| {
+            if line.starts_with(line_starting) {
+                found = true;
+                replacement
+            } else {
+                line
+            }
+        })
+        .collect();
+    assert!(found, "no line starting with {line_starting:?} in\n{text}");
+    std::fs::write(&path, edited.join("\n") + "\n").unwrap();
+}
+
+/// The addresses and failure-detector state `observer` shows for `server`.
+fn seen_as(observer: &Member, server: &str) -> (serde_json::Value, serde_json::Value) {
+    let report = status(observer);
+    let entry = report["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|entry| entry["id"] == server)
+        .cloned()
+        .unwrap_or_default();
+    (entry["addresses"].clone(), entry["state"].clone())
+}
+
+#[test]
+fn a_server_whose_peers_all_moved_finds_the_grid_through_a_seed() {
+    let temp = tempfile::tempdir().unwrap();
+    let root = temp.path();
+    let mut first = create_grid(root);
+    let first_server = Server::start(&first.data_dir);
+    let join_token = token(&first, 1);
+    let mut second = join(root, "server-2", &first, &join_token).unwrap();
+    let second_server = Server::start(&second.data_dir);
+    wait_for_agreement(&[&first, &second], 2);
+    let first_id = status(&first)["server_id"].as_str().unwrap().to_owned();
+    let second_id = status(&second)["server_id"].as_str().unwrap().to_owned();
+    for server in [first_server, second_server] {
+        assert!(server.stop().status.success());
+    }
+
+    // The grid is renumbered while both are down: each state now knows the
+    // other only at an address where nobody answers, so neither can reach
+    // the other through its state. Only the seed in the second's
+    // config.toml leads it to the first.
+    first.address = format!("127.0.0.1:{}", free_udp_port());
+    second.address = format!("127.0.0.1:{}", free_udp_port());
+    edit_config(
+        &first,
+        "listen = ",
+        &format!("listen = {:?}", first.address),
+    );
+    edit_config(
+        &second,
+        "listen = ",
+        &format!("listen = {:?}", second.address),
+    );
+    edit_config(
+        &second,
+        "seeds = ",
+        &format!("seeds = [{:?}]", first.address),
+    );
+
+    let first_server = Server::start(&first.data_dir);
+    // A change while the second is away, which must reach it.
+    let _ = token(&first, 1);
+    let second_server = Server::start(&second.data_dir);
+    let started = Instant::now();
+    wait_for_agreement(&[&first, &second], 2);
+    eprintln!("converged through the seed in {:?}", started.elapsed());
+
+    // Both know where the other is now, and the failure detector sees both.
+    let deadline = Instant::now() + CONVERGE_TIMEOUT;
+    loop {
+        let (first_seen, second_seen) = (seen_as(&second, &first_id), seen_as(&first, &second_id));
+        if first_seen
+            == (
+                serde_json::json!([first.address]),
+                serde_json::json!("alive"),
+            )
+            && second_seen
+                == (
+                    serde_json::json!([second.address]),
+                    serde_json::json!("alive"),
+                )
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the second sees the first as {first_seen:?}, the first sees the second as {second_seen:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let second_log = stderr(&second_server.stop());
+    assert!(second_log.contains("seed answered"), "{second_log}");
+    assert!(first_server.stop().status.success());
+}
+
+#[test]
+fn a_grid_member_listening_on_every_interface_must_advertise_an_address() {
+    let temp = tempfile::tempdir().unwrap();
+    let password = temp.path().join("admin-password");
+    std::fs::write(&password, "correct horse battery staple\n").unwrap();
+    let data_dir = temp.path().join("server");
+    let init = |extra: &[&str]| {
+        let mut arguments = vec![
+            "--output",
+            "json",
+            "init",
+            "--new-grid",
+            "--admin-password-file",
+            password.to_str().unwrap(),
+            "--libvirt",
+            "test:///default",
+        ];
+        arguments.extend_from_slice(extra);
+        deskgrid(&data_dir, &arguments)
+    };
+    let says_to_advertise = |message: &str, listen: &str| {
+        assert!(message.contains(listen), "{message}");
+        assert!(message.contains("--advertise"), "{message}");
+        assert!(message.contains("server.advertise"), "{message}");
+    };
+
+    let refused = init(&["--listen", "0.0.0.0:7000"]);
+    assert!(!refused.status.success());
+    says_to_advertise(&stdout(&refused), "0.0.0.0:7000");
+    assert!(!data_dir.exists(), "a refused init writes nothing");
+    let refused = deskgrid(
+        &temp.path().join("joiner"),
+        &[
+            "join",
+            "127.0.0.1:9",
+            "--token",
+            &format!("dgj1.{}.{}", "cd".repeat(32), "ef".repeat(32)),
+            "--listen",
+            "[::]:7000",
+        ],
+    );
+    assert!(!refused.status.success());
+    says_to_advertise(&stderr(&refused), "[::]:7000");
+    assert!(!temp.path().join("joiner").exists());
+
+    let port = free_udp_port();
+    let advertised = format!("127.0.0.1:{port}");
+    let listen = format!("0.0.0.0:{port}");
+    let created = init(&["--listen", &listen, "--advertise", &advertised]);
+    assert!(created.status.success(), "{}", stderr(&created));
+    let config = std::fs::read_to_string(data_dir.join("config.toml")).unwrap();
+    assert!(
+        config.contains(&format!("advertise = {advertised:?}")),
+        "{config}"
+    );
+    let member = Member {
+        data_dir: data_dir.clone(),
+        address: advertised.clone(),
+    };
+    let server = Server::start(&data_dir);
+    let report = status(&member);
+    let own = report["server_id"].as_str().unwrap();
+    assert_eq!(seen_as(&member, own).0, serde_json::json!([advertised]));
+    assert!(server.stop().status.success());
+
+    // Without it in config.toml, serve refuses to start rather than tell
+    // the grid an address nobody can dial.
+    edit_config(&member, "advertise = ", "# advertise = \"IP:PORT\"");
+    let mut serve = std::process::Command::new(common::DESKGRID)
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .arg("serve")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + common::START_TIMEOUT;
+    while serve.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = serve.kill();
+            panic!("serve started without an address to advertise");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let refused = serve.wait_with_output().unwrap();
+    assert!(!refused.status.success());
+    says_to_advertise(&stderr(&refused), &listen);
 }
 
 /// `deskgrid --data-dir DATA_DIR ARGUMENTS` run inside `namespace`.

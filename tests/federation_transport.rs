@@ -437,6 +437,93 @@ async fn connect_refuses_a_server_that_is_not_the_expected_one() -> anyhow::Resu
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dialling_an_address_learns_the_server_from_its_certificate() -> anyhow::Result<()> {
+    let ca = TestCa::new("grid")?;
+    let server = TestServer::of_grid(&ca)?;
+    let client = client_of(&ca)?;
+
+    // A seed: only its address is known.
+    let peer = client.connect_to_address(server.addr).await?;
+    assert_eq!(peer.remote_id(), server.id);
+    assert_eq!(peer.request(b"hello", DEADLINE).await?, b"hello");
+    assert_eq!(
+        server.handler.requests(),
+        [(PeerIdentity::Server(client.server_id()), 5)],
+        "the server knows the client from its certificate too"
+    );
+
+    // Cached under the id it proved: dialling the id or the address again
+    // reuses that connection.
+    let seed = client.connection_to_address(server.addr).await?;
+    assert_eq!(seed.remote_id(), server.id);
+    let by_id = client.connection(server.addr, server.id).await?;
+    assert_eq!(by_id.stable_id(), seed.stable_id());
+    assert_eq!(
+        client.connection_to_address(server.addr).await?.stable_id(),
+        seed.stable_id()
+    );
+
+    // Our own address names ourselves: the caller sees whom it reached.
+    let itself = TestServer::of_grid(&ca)?;
+    let own = itself.endpoint.connect_to_address(itself.addr).await?;
+    assert_eq!(own.remote_id(), itself.id);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dialling_an_address_refuses_another_ca_and_a_revoked_server() -> anyhow::Result<()> {
+    let ca = TestCa::new("grid")?;
+    let foreign_ca = TestCa::new("another grid")?;
+    let server = TestServer::of_grid(&ca)?;
+    let foreign_server = TestServer::of_grid(&foreign_ca)?;
+    let client = client_of(&ca)?;
+
+    let error = client
+        .connect_to_address(foreign_server.addr)
+        .await
+        .err()
+        .context("a server of another grid must be refused")?;
+    assert!(
+        matches!(error, TransportError::UntrustedCertificate { .. }),
+        "{error:?}"
+    );
+    assert_eq!(foreign_server.handler.requests(), []);
+
+    client.revocations().revoke(server.id);
+    for cached in [false, true] {
+        let outcome = if cached {
+            client.connection_to_address(server.addr).await
+        } else {
+            client.connect_to_address(server.addr).await
+        };
+        let error = outcome
+            .err()
+            .context("a revoked server must be refused by address too")?;
+        assert!(
+            matches!(error, TransportError::Revoked { server: id } if id == server.id),
+            "{error:?}"
+        );
+    }
+    assert_eq!(server.handler.requests(), []);
+
+    // A live connection made before the revocation is not handed out either.
+    client.revocations().replace_all([]);
+    let before = client.connection_to_address(server.addr).await?;
+    client.revocations().revoke(server.id);
+    let error = client
+        .connection_to_address(server.addr)
+        .await
+        .err()
+        .context("the cached connection of a revoked server must not be reused")?;
+    assert!(matches!(error, TransportError::Revoked { .. }), "{error:?}");
+    assert!(matches!(
+        before.request(b"hello", DEADLINE).await,
+        Err(TransportError::Revoked { .. })
+    ));
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------
 // Joining
 

@@ -39,6 +39,11 @@ pub struct ControlRequest {
 #[serde(rename_all = "kebab-case")]
 pub enum ControlCommand {
     Status,
+    /// The plan this server computes now; `run_now` also wakes its policy
+    /// loop so that its own steps start at once.
+    Plan {
+        run_now: bool,
+    },
     CompactState,
     CreateJoinToken {
         ttl_seconds: u64,
@@ -67,6 +72,7 @@ pub enum ControlCommand {
 #[serde(rename_all = "kebab-case")]
 pub enum ControlReply {
     Status(Box<StatusReport>),
+    Plan(Box<crate::service::plan::PlanReport>),
     Compacted(StateSummary),
     JoinToken {
         token: String,
@@ -254,6 +260,12 @@ fn execute(service: &Mutex<GridService>, command: ControlCommand) -> ControlResp
         Err(poisoned) => poisoned.into_inner(),
     };
     match command {
+        ControlCommand::Plan { run_now } => {
+            if run_now {
+                service.wake_policy();
+            }
+            ControlResponse::Ok(ControlReply::Plan(Box::new(service.plan_report())))
+        }
         ControlCommand::Status => {
             ControlResponse::Ok(ControlReply::Status(Box::new(service.status())))
         }

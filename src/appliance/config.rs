@@ -31,8 +31,13 @@ pub struct ServerSettings {
     pub name: String,
     /// Servers with the same site label are near each other.
     pub site: SiteLabel,
-    /// Where peers reach this server (UDP, QUIC).
+    /// The address and UDP port the QUIC endpoint binds.
     pub listen: SocketAddr,
+    /// The address other servers dial (published in this server's record),
+    /// when it is not `listen`: required when `listen` is `0.0.0.0` or `::`,
+    /// and for an address translated on the way (NAT, port forwarding).
+    /// An IP address, not a host name: peers dial it without resolving.
+    pub advertise: Option<SocketAddr>,
     /// Addresses of grid members to contact first.
     pub seeds: Vec<String>,
     /// Where this server announces its grid by mDNS: "off", "loopback",
@@ -46,10 +51,36 @@ impl Default for ServerSettings {
             name: "deskgrid".to_owned(),
             site: SiteLabel::default(),
             listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_PEER_PORT)),
+            advertise: None,
             seeds: Vec::new(),
             mdns: "off".to_owned(),
         }
     }
+}
+
+impl ServerSettings {
+    /// The address other servers dial to reach this one: `advertise`, else
+    /// `listen`. Refused when that is every interface (`0.0.0.0`, `::`): a
+    /// record saying so cannot be dialled. Only servers of a grid need one.
+    pub fn peer_address(&self) -> Result<SocketAddr, NoPeerAddress> {
+        match self.advertise {
+            Some(advertise) => Ok(advertise),
+            None if self.listen.ip().is_unspecified() => Err(NoPeerAddress {
+                listen: self.listen,
+            }),
+            None => Ok(self.listen),
+        }
+    }
+}
+
+/// A server of a grid listens on every interface and says nowhere which
+/// address the others should dial.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "server.listen is {listen}, every interface, which other servers cannot dial: set the address they should use with --advertise IP:PORT (server.advertise in config.toml)"
+)]
+pub struct NoPeerAddress {
+    pub listen: SocketAddr,
 }
 
 /// How deskgrid runs VMs: KVM where the host has it, else QEMU's emulator.
@@ -170,6 +201,13 @@ impl Config {
         {
             return Err(format!("server.seeds: {seed:?} is not HOST:PORT"));
         }
+        if let Some(advertise) = self.server.advertise {
+            if advertise.ip().is_unspecified() || advertise.port() == 0 {
+                return Err(format!(
+                    "server.advertise {advertise} is not an address other servers can dial"
+                ));
+            }
+        }
         parse_mdns_scope(&self.server.mdns).map_err(|problem| format!("server.mdns: {problem}"))?;
         if !self.libvirt.uri.contains("://") {
             return Err(format!(
@@ -216,9 +254,13 @@ name = {name:?}
 # Site label. Servers with the same label are near each other: image copies
 # between them are cheaper. Default: "default".
 site = {site:?}
-# Address and UDP port where other servers reach this one (QUIC).
+# Address and UDP port this server listens on for other servers (QUIC).
 # Default: "0.0.0.0:{DEFAULT_PEER_PORT}".
 listen = "{listen}"
+# Address and UDP port other servers dial ("IP:PORT"), published in the grid
+# state; needed when `listen` is 0.0.0.0 or :: (every interface) or when the
+# address is translated on the way. Default: the `listen` address.
+{advertise}
 # Grid members to contact first when joining or after a restart ("HOST:PORT").
 # Servers on the same network also find each other by mDNS. Default: [].
 seeds = [{seeds}]
@@ -247,6 +289,10 @@ domain_type = "{domain_type}"
             name = self.server.name,
             site = self.server.site.to_string(),
             listen = self.server.listen,
+            advertise = match self.server.advertise {
+                Some(advertise) => format!("advertise = \"{advertise}\""),
+                None => "# advertise = \"IP:PORT\"".to_owned(),
+            },
             uri = self.libvirt.uri,
             mdns = self.server.mdns,
             pool = self.libvirt.pool,
@@ -311,6 +357,39 @@ mod tests {
         let parsed: Config = toml::from_str(&text).unwrap();
         assert_eq!(parsed, config);
         assert!(text.contains("# Default: \"qemu:///system\"."));
+        assert!(text.contains("# advertise = \"IP:PORT\""), "{text}");
+
+        config.server.advertise = Some("192.0.2.7:7443".parse().unwrap());
+        let parsed: Config = toml::from_str(&config.to_commented_toml()).unwrap();
+        assert_eq!(parsed, config);
+    }
+
+    #[test]
+    fn every_interface_needs_an_advertised_address() {
+        let mut server = ServerSettings {
+            listen: "0.0.0.0:7000".parse().unwrap(),
+            ..ServerSettings::default()
+        };
+        let error = server.peer_address().unwrap_err().to_string();
+        assert!(error.contains("0.0.0.0:7000"), "{error}");
+        assert!(error.contains("--advertise"), "{error}");
+        assert!(error.contains("server.advertise"), "{error}");
+        server.listen = "[::]:7000".parse().unwrap();
+        assert!(server.peer_address().is_err());
+
+        server.advertise = Some("10.0.0.5:7000".parse().unwrap());
+        assert_eq!(server.peer_address(), Ok("10.0.0.5:7000".parse().unwrap()));
+        server.advertise = None;
+        server.listen = "10.0.0.6:7443".parse().unwrap();
+        assert_eq!(server.peer_address(), Ok(server.listen));
+
+        let mut config = Config {
+            server: ServerSettings::default(),
+            libvirt: LibvirtSettings::default(),
+        };
+        config.server.advertise = Some("0.0.0.0:7443".parse().unwrap());
+        let error = config.validate().unwrap_err();
+        assert!(error.contains("server.advertise 0.0.0.0:7443"), "{error}");
     }
 
     #[test]

@@ -38,6 +38,14 @@ pub async fn serve(data_dir: DataDir) -> anyhow::Result<()> {
     data_dir.require_initialised()?;
     let config = Config::load(&data_dir.config_file())?;
     tracing::info!(path = %data_dir.config_file().display(), "configuration loaded");
+    if in_a_grid(&data_dir) {
+        // Before anything is written: a grid member's record must say where
+        // the others can dial it.
+        config
+            .server
+            .peer_address()
+            .with_context(|| format!("in {}", data_dir.config_file().display()))?;
+    }
     let lock = data_dir.lock_exclusive()?;
     let server_id = data_dir.server_id()?;
 
@@ -87,7 +95,8 @@ pub async fn serve(data_dir: DataDir) -> anyhow::Result<()> {
     };
     let federation = match federation_endpoint {
         Some(endpoint) => {
-            tracing::info!(listen = %appliance.config.server.listen, "federation listening (QUIC)");
+            let advertised = appliance.config.server.peer_address()?;
+            tracing::info!(listen = %appliance.config.server.listen, %advertised, seeds = appliance.config.server.seeds.len(), "federation listening (QUIC)");
             Some(tokio::spawn(crate::federation::node::run(
                 endpoint,
                 Arc::new(crate::service::grid::FederatedService(Arc::clone(
@@ -95,7 +104,8 @@ pub async fn serve(data_dir: DataDir) -> anyhow::Result<()> {
                 ))),
                 changes,
                 crate::federation::node::NodeSettings::default(),
-                appliance.config.server.listen,
+                advertised,
+                appliance.config.server.seeds.clone(),
                 shutdown.clone(),
             )))
         }
@@ -104,6 +114,13 @@ pub async fn serve(data_dir: DataDir) -> anyhow::Result<()> {
             None
         }
     };
+    // After the grid identity is loaded: the planner's seed is the grid id.
+    let policy = tokio::spawn(crate::service::policy_host::run(
+        appliance.config.clone(),
+        Arc::clone(&appliance.service),
+        shutdown.clone(),
+    ));
+    tracing::info!("policy worker started");
     tracing::info!("deskgrid server running; stop it with SIGTERM or Ctrl-C");
 
     stop_signals.wait().await;
@@ -113,6 +130,7 @@ pub async fn serve(data_dir: DataDir) -> anyhow::Result<()> {
     let stopping = async {
         let _ = control.await;
         let _ = host_worker.await;
+        let _ = policy.await;
         if let Some(federation) = federation {
             let _ = federation.await;
         }
@@ -163,6 +181,14 @@ fn lock_service(service: &Mutex<GridService>) -> std::sync::MutexGuard<'_, GridS
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Whether this server has a grid identity in `tls/`. Without one it was
+/// initialised without --new-grid and never joined: a standalone server.
+fn in_a_grid(data_dir: &DataDir) -> bool {
+    use crate::federation::identity::TlsFiles;
+    let files = TlsFiles::new(data_dir.tls_dir());
+    files.ca_certificate_file().exists() || files.server_certificate_file().exists()
+}
+
 /// The grid identity from `tls/` and a QUIC endpoint bound with it, or
 /// `None` for a server that is in no grid.
 fn federation_endpoint(
@@ -173,8 +199,7 @@ fn federation_endpoint(
     use anyhow::Context as _;
 
     let files = TlsFiles::new(appliance.data_dir.tls_dir());
-    if !files.ca_certificate_file().exists() && !files.server_certificate_file().exists() {
-        // Initialised without --new-grid and never joined: a standalone server.
+    if !in_a_grid(&appliance.data_dir) {
         return Ok(None);
     }
     let loaded = files
@@ -224,7 +249,7 @@ fn advertise(
         &scope,
         grid_id,
         server_id,
-        config.server.listen,
+        config.server.peer_address()?,
         &host_name,
     ) {
         Ok(advertiser) => {

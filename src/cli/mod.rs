@@ -74,6 +74,16 @@ pub enum Command {
     #[command(subcommand)]
     State(StateCommand),
 
+    /// The plan this server computes from its current state: every step,
+    /// the server that carries it out and why. Servers whose states agree
+    /// print the same plan. Also wakes this server's policy loop so its own
+    /// steps start now, unless --dry-run.
+    Plan {
+        /// Only print the plan; do not wake the policy loop.
+        #[arg(long)]
+        dry_run: bool,
+    },
+
     /// List the deskgrid grids announced by mDNS on this network (grids
     /// whose servers have `mdns` on). Needs no data directory.
     Discover {
@@ -218,7 +228,7 @@ pub struct ServerSettingsArgs {
     #[arg(long)]
     pub name: Option<String>,
 
-    /// Address and UDP port other servers reach this one on (QUIC).
+    /// Address and UDP port this server listens on for other servers (QUIC).
     #[arg(long, value_name = "ADDR", default_value_t = SocketAddr::from(([0, 0, 0, 0], DEFAULT_PEER_PORT)))]
     pub listen: SocketAddr,
 
@@ -246,6 +256,11 @@ pub struct ServerSettingsArgs {
     /// A grid member to contact first (HOST:PORT); repeat for several.
     #[arg(long = "seed", value_name = "ADDR")]
     pub seeds: Vec<String>,
+
+    /// Address and UDP port (IP:PORT) other servers dial to reach this one,
+    /// when not the --listen address; required with --listen 0.0.0.0 or ::.
+    #[arg(long, value_name = "ADDR")]
+    pub advertise: Option<SocketAddr>,
 
     /// Announce the grid by mDNS: off, all, loopback, or interface names
     /// (eth0,eth1).
@@ -321,6 +336,18 @@ fn run(cli: Cli, output: &Output) -> anyhow::Result<ExitCode> {
                     token,
                     expires_at_ms,
                 } => output.join_token(&token, expires_at_ms, uses),
+                other => anyhow::bail!("unexpected answer from the server: {other:?}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plan { dry_run } => {
+            data_dir.require_initialised()?;
+            match control_socket::call(
+                &data_dir.control_socket(),
+                data_dir.root(),
+                ControlCommand::Plan { run_now: !dry_run },
+            )? {
+                ControlReply::Plan(plan) => output.plan(&plan),
                 other => anyhow::bail!("unexpected answer from the server: {other:?}"),
             }
             Ok(ExitCode::SUCCESS)

@@ -192,6 +192,55 @@ impl Output {
         }
     }
 
+    pub fn plan(&self, plan: &crate::service::plan::PlanReport) {
+        match self.format {
+            OutputFormat::Text => {
+                println!(
+                    "plan of server {} from state {}",
+                    plan.server_id,
+                    &plan.state_digest[..16]
+                );
+                if !plan.missing.is_empty() {
+                    println!("missing (given nothing): {} server(s)", plan.missing.len());
+                }
+                if plan.steps.is_empty() {
+                    println!("nothing to do: images and desktops are where they should be");
+                }
+                for step in &plan.steps {
+                    println!(
+                        "{} {:<16} {}\n    because {}",
+                        if step.this_server { "*" } else { " " },
+                        step.target_name,
+                        step.summary,
+                        step.reason
+                    );
+                }
+                if plan.steps.iter().any(|step| step.this_server) {
+                    println!("(* = this server carries the step out)");
+                }
+                for shortfall in &plan.shortfalls {
+                    println!(
+                        "short: template {} lacks {} VM(s): {}",
+                        shortfall.template, shortfall.missing_vms, shortfall.cause
+                    );
+                }
+                for job in &plan.jobs {
+                    println!(
+                        "job: {} [{:?}, {} attempt(s)]{}",
+                        job.summary,
+                        job.state,
+                        job.attempts,
+                        job.last_error
+                            .as_ref()
+                            .map(|error| format!(": {error}"))
+                            .unwrap_or_default()
+                    );
+                }
+            }
+            OutputFormat::Json => self.json(plan),
+        }
+    }
+
     pub fn host_check(&self, report: &HostCheckReport) {
         match self.format {
             OutputFormat::Text => {

@@ -29,6 +29,7 @@ fn config_from(settings: ServerSettingsArgs) -> anyhow::Result<Config> {
             name,
             site: settings.site,
             listen: settings.listen,
+            advertise: settings.advertise,
             seeds: settings.seeds,
             mdns: settings.mdns,
         },
@@ -56,6 +57,8 @@ pub(super) fn init(
     data_dir.require_uninitialised()?;
     // Everything that can be refused is checked before anything is written.
     let new_grid = if args.new_grid {
+        // Before the password prompt: a grid member must be dialable.
+        config.server.peer_address()?;
         let password = read_admin_password(args.admin_password_file.as_deref())?;
         Some(NewGrid {
             admin: args.admin_user.clone(),
@@ -81,6 +84,7 @@ pub(super) fn join(
 ) -> anyhow::Result<ExitCode> {
     let config = config_from(args.settings)?;
     data_dir.require_uninitialised()?;
+    config.server.peer_address()?;
     let seed = resolve(&args.seed)?;
     let (server_id, grid_id) = join_grid(data_dir, &config, &args.token, seed)?;
     output.joined(data_dir, server_id, grid_id, &args.seed);

@@ -281,6 +281,8 @@ pub enum MembershipError {
     },
     #[error("leaving the grid failed")]
     Leave(#[source] foca::Error),
+    #[error("membership settings cannot change that way while running")]
+    Reconfigure(#[source] foca::Error),
     #[error("membership setting {setting} is invalid: {requirement}")]
     InvalidSetting {
         setting: &'static str,
@@ -324,7 +326,11 @@ pub struct MembershipSettings {
     pub suspect_to_down_after: Duration,
     /// The grid size to plan for; sets how many times each update is
     /// piggybacked: 4·log10(n+1) (12 at 1000), but at least 10 (see
-    /// `MIN_TRANSMISSIONS`).
+    /// `MIN_TRANSMISSIONS`), so it matters from about 316 servers on. It is
+    /// the only setting the grid size changes: the suspicion timeout and the
+    /// gossip fan-out stay fixed (see above). `node.rs` keeps it at the
+    /// number of servers in the grid through
+    /// [`Membership::set_expected_members`].
     pub expected_members: u32,
     /// How often pending updates are gossiped, and to how many members.
     /// Nothing is sent when there is no news, so this costs nothing in a
@@ -549,6 +555,25 @@ impl Membership {
 
     pub fn settings(&self) -> &MembershipSettings {
         &self.settings
+    }
+
+    /// Plans for a grid of `n_servers` servers (this one included) from now
+    /// on: [`MembershipSettings::expected_members`], and with it how many
+    /// times each update is piggybacked. Call it when the grid grows or
+    /// shrinks; a call with the current size changes nothing.
+    pub fn set_expected_members(&mut self, n_servers: u32) -> Result<(), MembershipError> {
+        if n_servers == self.settings.expected_members {
+            return Ok(());
+        }
+        let settings = MembershipSettings {
+            expected_members: n_servers,
+            ..self.settings.clone()
+        };
+        self.foca
+            .set_config(settings.foca_config()?)
+            .map_err(MembershipError::Reconfigure)?;
+        self.settings = settings;
+        Ok(())
     }
 
     /// Whether some member answers (foca's Active, until Idle or a rejoin).
@@ -1123,6 +1148,61 @@ mod tests {
             .renew(),
             None
         );
+    }
+
+    fn transmissions(settings: &MembershipSettings) -> u8 {
+        settings.foca_config().unwrap().max_transmissions.get()
+    }
+
+    #[test]
+    fn transmissions_per_update_follow_the_expected_grid_size() {
+        let with = |expected_members| MembershipSettings {
+            expected_members,
+            ..MembershipSettings::default()
+        };
+        // Small grids get the floor; 4·log10(n+1) takes over above ~316.
+        assert_eq!(transmissions(&with(1)), MIN_TRANSMISSIONS);
+        assert_eq!(transmissions(&with(3)), MIN_TRANSMISSIONS);
+        assert_eq!(transmissions(&with(300)), MIN_TRANSMISSIONS);
+        assert_eq!(transmissions(&with(1_000)), 12);
+        assert_eq!(transmissions(&with(100_000)), 20);
+        // Timeouts and fan-out stay fixed on purpose (see MembershipSettings).
+        let (small, large) = (
+            with(0).foca_config().unwrap(),
+            with(100_000).foca_config().unwrap(),
+        );
+        assert_eq!(small.suspect_to_down_after, large.suspect_to_down_after);
+        assert_eq!(small.probe_period, large.probe_period);
+        assert_eq!(
+            small.periodic_gossip.map(|gossip| gossip.num_members),
+            large.periodic_gossip.map(|gossip| gossip.num_members)
+        );
+    }
+
+    #[test]
+    fn the_expected_grid_size_changes_while_running() {
+        let mut membership =
+            Membership::new(member(1, 1), MembershipSettings::default(), 7).unwrap();
+        membership
+            .join_known([(server(2), member(2, 0).address)], 0)
+            .unwrap();
+        let before = membership.take_outputs();
+        assert!(!before.is_empty(), "joining announces");
+
+        membership.set_expected_members(3).unwrap();
+        assert_eq!(membership.settings().expected_members, 3);
+        membership.set_expected_members(2_000).unwrap();
+        assert_eq!(membership.settings().expected_members, 2_000);
+        assert_eq!(transmissions(membership.settings()), 13);
+        assert!(
+            membership.take_outputs().is_empty(),
+            "a new size sends and schedules nothing by itself"
+        );
+        // foca took the new configuration and keeps working with it.
+        membership
+            .announce(server(3), member(3, 0).address, 10)
+            .unwrap();
+        assert!(!membership.take_outputs().is_empty());
     }
 
     #[test]

@@ -6,6 +6,28 @@
 //! task. A slow or unreachable peer fills its queue and further pushes to it
 //! are dropped (and counted in the log); anti-entropy brings it up to date
 //! when it is reachable again. Memory stays bounded whatever a peer does.
+//!
+//! Connections: this server sends its requests and membership datagrams on
+//! the connections it opens, and answers on those others open to it (see
+//! `transport.rs`); nothing is ever sent back on a connection a peer
+//! opened. A push-pull exchange therefore stays on the asker's connection:
+//! the answer to a pull carries what the asker lacks, and the asker pushes
+//! back what the answerer lacks.
+//!
+//! Seeds: the `server.seeds` of `config.toml` are dialled by address, since
+//! their ids are unknown until their certificates tell them. At start, and
+//! again with backoff until each has answered once, this server pulls from
+//! every seed with the same push-pull exchange as anti-entropy: the answer
+//! brings the grid's state (its servers and their addresses) and the
+//! push-back gives the seed this server's record, so both sides learn of
+//! each other even when neither's state knew a reachable address of the
+//! other (a restart after the grid's addresses changed). The membership is
+//! then told of every server the state now knows. After that a seed is a
+//! peer like any other.
+//!
+//! The membership plans for the grid's size: the number of servers the
+//! state knows that are not removed, this one included, updated as it
+//! changes.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -19,7 +41,7 @@ use super::membership::{
     MemberId, MemberState, Membership, MembershipOutput, MembershipSettings, MembershipTimer,
 };
 use super::protocol::{self, JoinGrant, JoinRequest, PeerRequest, PeerResponse};
-use super::transport::{BoxFuture, PeerEndpoint, PeerHandler, PeerIdentity};
+use super::transport::{BoxFuture, PeerConnection, PeerEndpoint, PeerHandler, PeerIdentity};
 use crate::model::ServerId;
 use crate::state::{Delta, VersionVector};
 
@@ -60,6 +82,10 @@ impl Default for NodeSettings {
 
 /// Pushes waiting for one peer before new ones are dropped.
 const PUSH_QUEUE: usize = 64;
+/// The longest wait between two attempts at a seed that does not answer: a
+/// seed matters most when nothing else is reachable, so it is retried for
+/// good, but an address that stays dead costs one attempt a minute.
+const MAX_SEED_RETRY: Duration = Duration::from_secs(60);
 /// Membership datagrams waiting to be handled before new ones are dropped.
 const DATAGRAM_QUEUE: usize = 1024;
 
@@ -206,6 +232,137 @@ fn dispatch(
     }
 }
 
+/// The servers of the grid, this one included: the known peers (which
+/// leave out removed servers) and us.
+fn grid_size(peers: &[(ServerId, Vec<String>)]) -> u32 {
+    u32::try_from(peers.len())
+        .unwrap_or(u32::MAX)
+        .saturating_add(1)
+}
+
+/// Keeps the membership's plan at the grid's current size.
+fn follow_grid_size(membership: &mut Membership, peers: &[(ServerId, Vec<String>)]) {
+    let n_servers = grid_size(peers);
+    if n_servers == membership.settings().expected_members {
+        return;
+    }
+    match membership.set_expected_members(n_servers) {
+        Ok(()) => tracing::debug!(n_servers, "membership planned for the grid's size"),
+        Err(error) => {
+            tracing::warn!(n_servers, error = %crate::error_chain(&error), "membership keeps its planned grid size")
+        }
+    }
+}
+
+/// The seeds of `config.toml` and what contacting them taught, sans I/O:
+/// which to contact now and when to try again.
+#[derive(Debug)]
+struct SeedContacts {
+    seeds: Vec<SeedContact>,
+    /// The first retry after a failure; doubles up to [`MAX_SEED_RETRY`].
+    retry_ms: u64,
+}
+
+#[derive(Debug)]
+struct SeedContact {
+    /// As configured: `HOST:PORT`, resolved at every attempt.
+    address: String,
+    /// The server that answered there, from its certificate. Set once an
+    /// exchange succeeded; the seed is not contacted as a seed again.
+    server: Option<ServerId>,
+    in_flight: bool,
+    failures: u32,
+    next_attempt_ms: u64,
+}
+
+impl SeedContacts {
+    fn new(addresses: Vec<String>, retry: Duration) -> Self {
+        let retry_ms = u64::try_from(retry.as_millis()).unwrap_or(u64::MAX).max(1);
+        Self {
+            seeds: addresses
+                .into_iter()
+                .map(|address| SeedContact {
+                    address,
+                    server: None,
+                    in_flight: false,
+                    failures: 0,
+                    next_attempt_ms: 0,
+                })
+                .collect(),
+            retry_ms,
+        }
+    }
+
+    /// The seeds to contact now (index and address): those that have not
+    /// answered yet, are not being contacted and are due. They count as
+    /// being contacted until [`Self::on_outcome`].
+    fn due(&mut self, now_ms: u64) -> Vec<(usize, String)> {
+        self.seeds
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, seed)| {
+                seed.server.is_none() && !seed.in_flight && now_ms >= seed.next_attempt_ms
+            })
+            .map(|(index, seed)| {
+                seed.in_flight = true;
+                (index, seed.address.clone())
+            })
+            .collect()
+    }
+
+    /// How contacting seed `index` went: the server that answered, or
+    /// `None` for a failure, tried again after a wait that doubles with
+    /// every failure in a row.
+    fn on_outcome(&mut self, index: usize, answered: Option<ServerId>, now_ms: u64) {
+        let max_retry_ms = u64::try_from(MAX_SEED_RETRY.as_millis()).unwrap_or(u64::MAX);
+        let retry_ms = self.retry_ms;
+        let Some(seed) = self.seeds.get_mut(index) else {
+            return;
+        };
+        seed.in_flight = false;
+        match answered {
+            Some(server) => seed.server = Some(server),
+            None => {
+                let wait_ms = retry_ms
+                    .saturating_mul(1 << seed.failures.min(16))
+                    .min(max_retry_ms);
+                seed.failures = seed.failures.saturating_add(1);
+                seed.next_attempt_ms = now_ms.saturating_add(wait_ms);
+            }
+        }
+    }
+
+    /// Seed `index` as configured.
+    fn address(&self, index: usize) -> &str {
+        self.seeds
+            .get(index)
+            .map_or("", |seed| seed.address.as_str())
+    }
+
+    /// How many times in a row seed `index` has failed.
+    fn failures(&self, index: usize) -> u32 {
+        self.seeds.get(index).map_or(0, |seed| seed.failures)
+    }
+}
+
+/// Tells the membership of every server the state knows, and of `also`
+/// (a seed at the address it answered on), after the state learnt of new
+/// servers from outside the membership.
+fn join_known_peers(
+    membership: &mut Membership,
+    peers: &[(ServerId, Vec<String>)],
+    also: Option<(ServerId, SocketAddr)>,
+    now_ms: u64,
+) {
+    let known = peers
+        .iter()
+        .filter_map(|(id, addresses)| dialable(addresses).map(|address| (*id, address)))
+        .chain(also);
+    if let Err(error) = membership.join_known(known, now_ms) {
+        tracing::debug!(error = %crate::error_chain(&error), "membership join");
+    }
+}
+
 /// The first address of a peer that can be dialled.
 fn dialable(addresses: &[String]) -> Option<SocketAddr> {
     addresses
@@ -214,13 +371,16 @@ fn dialable(addresses: &[String]) -> Option<SocketAddr> {
         .find(|address| !address.ip().is_unspecified() && address.port() != 0)
 }
 
-/// Runs until `shutdown` turns true.
+/// Runs until `shutdown` turns true. `advertised` is the address other
+/// servers dial (the membership tells it to them); `seeds` are the
+/// `HOST:PORT` addresses of `server.seeds`.
 pub async fn run(
     endpoint: Arc<PeerEndpoint>,
     access: Arc<dyn GridStateAccess>,
     mut changes: broadcast::Receiver<Delta>,
     settings: NodeSettings,
     advertised: SocketAddr,
+    seeds: Vec<String>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let own = endpoint.server_id();
@@ -231,12 +391,15 @@ pub async fn run(
     })));
     let interval_ms = u64::try_from(settings.anti_entropy_interval.as_millis()).unwrap_or(u64::MAX);
     let mut disseminator = Disseminator::new(own, interval_ms, rand::random());
-    let mut push_queues: BTreeMap<ServerId, mpsc::Sender<Delta>> = BTreeMap::new();
+    let mut push_queues: BTreeMap<ServerId, mpsc::Sender<(Delta, SocketAddr)>> = BTreeMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let started = tokio::time::Instant::now();
     let elapsed_ms = move || u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     let pull_running = Arc::new(tokio::sync::Mutex::new(()));
+    let mut seeds = SeedContacts::new(seeds, settings.anti_entropy_interval);
+    let (seed_outcome_sender, mut seed_outcomes) =
+        mpsc::unbounded_channel::<(usize, anyhow::Result<(ServerId, SocketAddr)>)>();
 
     // Membership: a new generation at every start, so a server once declared
     // down comes back as itself.
@@ -246,9 +409,13 @@ pub async fn run(
             u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
         });
     let (timer_sender, mut timers) = mpsc::unbounded_channel::<MembershipTimer>();
+    let peers = blocking(&access, |access| access.peers()).await;
     let mut membership = match Membership::new(
         MemberId::new(own, advertised, generation),
-        MembershipSettings::default(),
+        MembershipSettings {
+            expected_members: grid_size(&peers),
+            ..MembershipSettings::default()
+        },
         rand::random(),
     ) {
         Ok(membership) => membership,
@@ -258,14 +425,7 @@ pub async fn run(
             return;
         }
     };
-    let known: Vec<(ServerId, SocketAddr)> = blocking(&access, |access| access.peers())
-        .await
-        .into_iter()
-        .filter_map(|(id, addresses)| dialable(&addresses).map(|address| (id, address)))
-        .collect();
-    if let Err(error) = membership.join_known(known, elapsed_ms()) {
-        tracing::debug!(error = %crate::error_chain(&error), "membership join");
-    }
+    join_known_peers(&mut membership, &peers, None, elapsed_ms());
     drive_membership(&mut membership, &endpoint, &timer_sender, &access);
 
     loop {
@@ -276,6 +436,33 @@ pub async fn run(
                     tracing::debug!(%peer, error = %crate::error_chain(&error), "membership datagram dropped");
                 }
                 drive_membership(&mut membership, &endpoint, &timer_sender, &access);
+            }
+            Some((index, outcome)) = seed_outcomes.recv() => {
+                match outcome {
+                    Ok((server, _)) if server == own => {
+                        tracing::debug!(seed = %seeds.address(index), "seed is this server");
+                        seeds.on_outcome(index, Some(server), elapsed_ms());
+                    }
+                    Ok((server, address)) => {
+                        tracing::info!(seed = %seeds.address(index), %server, "seed answered; grid state exchanged");
+                        seeds.on_outcome(index, Some(server), elapsed_ms());
+                        // The state may know servers the membership does not.
+                        let peers = blocking(&access, |access| access.peers()).await;
+                        follow_grid_size(&mut membership, &peers);
+                        join_known_peers(&mut membership, &peers, Some((server, address)), elapsed_ms());
+                        drive_membership(&mut membership, &endpoint, &timer_sender, &access);
+                    }
+                    Err(error) => {
+                        let seed = seeds.address(index);
+                        let error = format!("{error:#}");
+                        if seeds.failures(index) == 0 {
+                            tracing::info!(%seed, %error, "seed not reached; trying again later");
+                        } else {
+                            tracing::debug!(%seed, %error, "seed not reached");
+                        }
+                        seeds.on_outcome(index, None, elapsed_ms());
+                    }
+                }
             }
             Some(timer) = timers.recv() => {
                 if let Err(error) = membership.handle_timer(timer, elapsed_ms()) {
@@ -294,9 +481,9 @@ pub async fn run(
                             continue;
                         };
                         let queue = push_queues.entry(to).or_insert_with(|| {
-                            spawn_push_worker(Arc::clone(&endpoint), Arc::clone(&access), to, address, settings.request_deadline)
+                            spawn_push_worker(Arc::clone(&endpoint), Arc::clone(&access), to, settings.request_deadline)
                         });
-                        if let Err(mpsc::error::TrySendError::Full(_)) = queue.try_send(delta) {
+                        if let Err(mpsc::error::TrySendError::Full(_)) = queue.try_send((delta, address)) {
                             tracing::warn!(peer = %to, "peer is slow: push dropped, anti-entropy will carry it");
                         }
                     }
@@ -309,8 +496,20 @@ pub async fn run(
             _ = tick.tick() => {
                 let (peers, vector, revoked) = blocking(&access, |access| (access.peers(), access.version_vector(), access.revoked())).await;
                 endpoint.revocations().replace_all(revoked);
+                follow_grid_size(&mut membership, &peers);
                 let alive = reachable(&peers, &membership);
                 let now_ms = elapsed_ms();
+                for (index, seed) in seeds.due(now_ms) {
+                    let endpoint = Arc::clone(&endpoint);
+                    let access = Arc::clone(&access);
+                    let outcomes = seed_outcome_sender.clone();
+                    let deadline = settings.request_deadline;
+                    tokio::spawn(async move {
+                        let outcome = pull_from_seed(&endpoint, &access, &seed, deadline).await;
+                        // The loop is gone only when shutting down.
+                        let _ = outcomes.send((index, outcome));
+                    });
+                }
                 if let Some(Outgoing::Pull { from, since }) = disseminator.on_tick(now_ms, &alive, &vector) {
                     let Some(address) = peers.iter().find(|(id, _)| *id == from).and_then(|(_, addresses)| dialable(addresses)) else { continue };
                     let Ok(guard) = Arc::clone(&pull_running).try_lock_owned() else { continue };
@@ -343,16 +542,18 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
+/// The worker that pushes to `peer`. Each push carries the peer's address
+/// as the state knew it when the push was queued, so a peer whose address
+/// changed is dialled at the new one.
 fn spawn_push_worker(
     endpoint: Arc<PeerEndpoint>,
     access: Arc<dyn GridStateAccess>,
     peer: ServerId,
-    address: SocketAddr,
     deadline: Duration,
-) -> mpsc::Sender<Delta> {
-    let (sender, mut receiver) = mpsc::channel::<Delta>(PUSH_QUEUE);
+) -> mpsc::Sender<(Delta, SocketAddr)> {
+    let (sender, mut receiver) = mpsc::channel::<(Delta, SocketAddr)>(PUSH_QUEUE);
     tokio::spawn(async move {
-        while let Some(delta) = receiver.recv().await {
+        while let Some((delta, address)) = receiver.recv().await {
             let outcome = async {
                 let connection = endpoint.connection(address, peer).await?;
                 let answer = connection
@@ -389,6 +590,57 @@ async fn pull(
     deadline: Duration,
 ) -> anyhow::Result<()> {
     let connection = endpoint.connection(address, peer).await?;
+    pull_over(&connection, access, since, deadline).await
+}
+
+/// Contacts one seed (`HOST:PORT`, tried at each address it resolves to):
+/// the server that answers, proven by its certificate, is asked for what we
+/// lack and given what it lacks. Returns that server and the address it
+/// answered on; it may be this server itself, and then nothing is exchanged.
+async fn pull_from_seed(
+    endpoint: &PeerEndpoint,
+    access: &Arc<dyn GridStateAccess>,
+    seed: &str,
+    deadline: Duration,
+) -> anyhow::Result<(ServerId, SocketAddr)> {
+    use anyhow::Context as _;
+
+    let addresses: Vec<SocketAddr> = tokio::net::lookup_host(seed)
+        .await
+        .with_context(|| format!("cannot resolve {seed}"))?
+        .collect();
+    let mut last_error = anyhow::anyhow!("{seed} resolves to no address");
+    for address in addresses {
+        let connection = match endpoint.connection_to_address(address).await {
+            Ok(connection) => connection,
+            Err(error) => {
+                last_error = error.into();
+                continue;
+            }
+        };
+        let server = connection.remote_id();
+        if server == endpoint.server_id() {
+            connection.close();
+            return Ok((server, address));
+        }
+        let since = blocking(access, |access| access.version_vector()).await;
+        pull_over(&connection, access, since, deadline)
+            .await
+            .with_context(|| format!("exchange with server {server} at {address}"))?;
+        return Ok((server, address));
+    }
+    Err(last_error)
+}
+
+/// One push-pull exchange on `connection`: pull what a replica at `since`
+/// lacks, then push back what the peer lacks.
+async fn pull_over(
+    connection: &PeerConnection,
+    access: &Arc<dyn GridStateAccess>,
+    since: VersionVector,
+    deadline: Duration,
+) -> anyhow::Result<()> {
+    let peer = connection.remote_id();
     let answer = connection
         .request(
             &protocol::encode(&PeerRequest::PullState { since }),
@@ -424,5 +676,67 @@ async fn pull(
         }
         PeerResponse::Refused { reason } => anyhow::bail!("refused: {reason}"),
         other => anyhow::bail!("unexpected answer {other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(byte: u8) -> ServerId {
+        ServerId::from_bytes([byte; 16])
+    }
+
+    fn peers(n: u8) -> Vec<(ServerId, Vec<String>)> {
+        (2..n.saturating_add(2))
+            .map(|byte| (server(byte), vec![format!("10.0.0.{byte}:7443")]))
+            .collect()
+    }
+
+    #[test]
+    fn every_seed_is_contacted_at_once_then_retried_with_backoff_until_it_answers() {
+        let mut seeds = SeedContacts::new(
+            vec!["a:1".to_owned(), "b:2".to_owned()],
+            Duration::from_secs(2),
+        );
+        assert_eq!(seeds.due(0), [(0, "a:1".to_owned()), (1, "b:2".to_owned())]);
+        assert_eq!(seeds.due(100_000), [], "not again while being contacted");
+
+        seeds.on_outcome(0, Some(server(7)), 500);
+        seeds.on_outcome(1, None, 500);
+        // a answered: a peer like any other now. b waits 2 s, then 4, 8, ...
+        let mut now = 500;
+        let mut waits = Vec::new();
+        for _ in 0..7 {
+            let mut wait = 0;
+            while seeds.due(now + wait).is_empty() {
+                wait += 100;
+            }
+            waits.push(wait);
+            now += wait;
+            seeds.on_outcome(1, None, now);
+        }
+        assert_eq!(
+            waits,
+            [2_000, 4_000, 8_000, 16_000, 32_000, 60_000, 60_000],
+            "doubling up to MAX_SEED_RETRY"
+        );
+        seeds.on_outcome(1, Some(server(8)), now);
+        assert_eq!(seeds.due(u64::MAX), [], "every seed answered");
+        assert_eq!(seeds.address(1), "b:2");
+    }
+
+    #[test]
+    fn the_membership_plans_for_the_grid_size_as_it_changes() {
+        let own = MemberId::new(server(1), "10.0.0.1:7443".parse().unwrap(), 1);
+        let mut membership = Membership::new(own, MembershipSettings::default(), 3).unwrap();
+        for (n_peers, n_servers) in [(0, 1), (2, 3), (2, 3), (120, 121), (4, 5)] {
+            follow_grid_size(&mut membership, &peers(n_peers));
+            assert_eq!(
+                membership.settings().expected_members,
+                n_servers,
+                "{n_peers} peers and this server"
+            );
+        }
     }
 }

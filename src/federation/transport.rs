@@ -24,6 +24,12 @@
 //! TLS layer verifies a certificate when one is offered and the endpoint
 //! checks the ALPN/certificate pairing right after the handshake.
 //!
+//! A server dials a peer it knows by id ([`PeerEndpoint::connect`]: the
+//! certificate must name that id) or, for a seed from `config.toml` whose id
+//! it does not know yet, by address ([`PeerEndpoint::connect_to_address`]:
+//! any server of the grid that is not revoked). Either way the peer's id is
+//! the one its verified certificate carries.
+//!
 //! Connections are one-way: the side that connects sends requests and
 //! datagrams, the side that accepts serves them. Two servers talking both
 //! ways hold two connections, one per direction; that keeps "who is asking"
@@ -406,10 +412,12 @@ enum VerifyFailure {
 /// What a server certificate must prove.
 #[derive(Debug)]
 enum Expectation {
-    /// A peer connection: chains to the grid CA, names this server, not revoked.
+    /// A peer connection: chains to the grid CA, names a server that is not
+    /// revoked, and that server is `expected` when one is given (`None`:
+    /// dialling an address, such as a seed, whose server is not known yet).
     Server {
         grid_verifier: Arc<WebPkiServerVerifier>,
-        expected: ServerId,
+        expected: Option<ServerId>,
         revocations: Revocations,
     },
     /// A join connection: the chain ends in a CA with this SHA-256, and the
@@ -463,7 +471,7 @@ impl GridServerVerifier {
                 grid_verifier
                     .verify_server_cert(end_entity, intermediates, &name, ocsp_response, now)
                     .map_err(VerifyFailure::Untrusted)?;
-                if server != *expected {
+                if expected.is_some_and(|expected| expected != server) {
                     return Err(VerifyFailure::UnexpectedServer { actual: server });
                 }
                 if revocations.contains(server) {
@@ -863,6 +871,29 @@ impl PeerEndpoint {
         if self.revocations.contains(expected) {
             return Err(TransportError::Revoked { server: expected });
         }
+        self.connect_verified(addr, Some(expected)).await
+    }
+
+    /// Connects to whichever server of the grid answers at `addr` (a seed
+    /// from `config.toml`, whose id is not known yet): its certificate must
+    /// chain to the grid CA and be issued to `<id>.deskgrid` with the SAN URI
+    /// of that same id, and the id must not be revoked. The connection's
+    /// [`PeerConnection::remote_id`] is that id, taken from the verified
+    /// certificate, never from anything the server says. It may be this
+    /// server's own id when `addr` is our own address. Always a new
+    /// connection; see [`Self::connection_to_address`].
+    pub async fn connect_to_address(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<PeerConnection, TransportError> {
+        self.connect_verified(addr, None).await
+    }
+
+    async fn connect_verified(
+        &self,
+        addr: SocketAddr,
+        expected: Option<ServerId>,
+    ) -> Result<PeerConnection, TransportError> {
         let verifier = GridServerVerifier::new(
             self.provider.clone(),
             Expectation::Server {
@@ -883,7 +914,12 @@ impl PeerEndpoint {
         let mut client_config = quinn::ClientConfig::new(Arc::new(quic_client_tls));
         client_config.transport_config(self.client_transport.clone());
 
-        let name = format!("{expected}.{SERVER_DNS_SUFFIX}");
+        // Only fills the SNI field: the verifier checks the name the
+        // certificate's own URI implies.
+        let name = match expected {
+            Some(expected) => format!("{expected}.{SERVER_DNS_SUFFIX}"),
+            None => format!("peer.{SERVER_DNS_SUFFIX}"),
+        };
         let connecting = self
             .endpoint
             .connect_with(client_config, addr, &name)
@@ -891,29 +927,32 @@ impl PeerEndpoint {
                 remote: addr,
                 source,
             })?;
-        let (connection, verified) = finish_handshake(
-            connecting,
-            addr,
-            CONNECT_TIMEOUT,
-            &verifier,
-            Some(expected),
-            None,
-        )
-        .await?;
+        let (connection, verified) =
+            finish_handshake(connecting, addr, CONNECT_TIMEOUT, &verifier, expected, None).await?;
 
         // The verifier checked all of this already; read it again from what
         // the connection says it authenticated, so a mistake in one place
         // does not let a wrong server through.
         let presented = peer_certificates(&connection)
             .and_then(|chain| chain.first().map(server_id_from_certificate));
-        match presented {
-            Some(Ok(server)) if server == expected && server == verified => {}
+        let server = match presented {
+            Some(Ok(server))
+                if server == verified && expected.is_none_or(|expected| expected == server) =>
+            {
+                server
+            }
             Some(Ok(actual)) => {
                 connection.close(quinn::VarInt::from_u32(CLOSE_UNEXPECTED_SERVER), b"");
-                return Err(TransportError::UnexpectedServer {
-                    remote: addr,
-                    expected,
-                    actual,
+                return Err(match expected {
+                    Some(expected) => TransportError::UnexpectedServer {
+                        remote: addr,
+                        expected,
+                        actual,
+                    },
+                    None => TransportError::PeerWithoutServerId {
+                        remote: addr,
+                        problem: "the certificate presented is not the one verified",
+                    },
                 });
             }
             Some(Err(problem)) => {
@@ -930,15 +969,15 @@ impl PeerEndpoint {
                     problem: "no certificate presented",
                 });
             }
-        }
-        if self.revocations.contains(expected) {
+        };
+        if self.revocations.contains(server) {
             connection.close(quinn::VarInt::from_u32(CLOSE_REVOKED), b"");
-            return Err(TransportError::Revoked { server: expected });
+            return Err(TransportError::Revoked { server });
         }
-        debug!(peer = %expected, remote = %addr, "connected to peer");
+        debug!(peer = %server, remote = %addr, "connected to peer");
         Ok(PeerConnection {
             connection,
-            server: expected,
+            server,
             revocations: self.revocations.clone(),
         })
     }
@@ -971,6 +1010,39 @@ impl PeerEndpoint {
         let peer = self.connect(addr, expected).await?;
         self.cached_connections()
             .insert(expected, peer.connection.clone());
+        Ok(peer)
+    }
+
+    /// A connection to whichever server of the grid answers at `addr`
+    /// (see [`Self::connect_to_address`]): a live cached connection made to
+    /// `addr` is reused, else a new one is made and cached under the id its
+    /// certificate proved, so later [`Self::connection`] calls for that
+    /// server reuse it.
+    pub async fn connection_to_address(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<PeerConnection, TransportError> {
+        {
+            let mut cache = self.cached_connections();
+            cache.retain(|_, connection| connection.close_reason().is_none());
+            let cached = cache
+                .iter()
+                .find(|(_, connection)| connection.remote_address() == addr);
+            if let Some((server, connection)) = cached {
+                if !self.revocations.contains(*server) {
+                    return Ok(PeerConnection {
+                        connection: connection.clone(),
+                        server: *server,
+                        revocations: self.revocations.clone(),
+                    });
+                }
+            }
+        }
+        let peer = self.connect_to_address(addr).await?;
+        if peer.server != self.server_id {
+            self.cached_connections()
+                .insert(peer.server, peer.connection.clone());
+        }
         Ok(peer)
     }
 

@@ -8,6 +8,8 @@ pub mod accounts;
 pub mod grid;
 pub mod host_check;
 pub mod host_worker;
+pub mod plan;
+pub mod policy_host;
 pub mod setup;
 pub mod templates;
 
@@ -102,6 +104,8 @@ pub struct GridService {
     changes: tokio::sync::broadcast::Sender<Delta>,
     /// What the failure detector last said of the other servers.
     member_states: std::collections::BTreeMap<ServerId, crate::federation::membership::MemberState>,
+    /// Poked when someone asks the policy loop to act now (`deskgrid plan`).
+    policy_wake: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl GridService {
@@ -121,6 +125,7 @@ impl GridService {
             grid_ca: None,
             changes: tokio::sync::broadcast::channel(CHANGE_QUEUE).0,
             member_states: std::collections::BTreeMap::new(),
+            policy_wake: std::sync::Arc::new(tokio::sync::Notify::new()),
         };
         Ok((service, report))
     }
@@ -144,7 +149,9 @@ impl GridService {
                 ServerRecord::new(String::new(), Vec::new(), config.server.site.clone(), now)
             });
         record.name = config.server.name.clone();
-        record.addresses = vec![config.server.listen.to_string()];
+        // The address peers dial: `advertise`, else the listen address.
+        let address = config.server.peer_address().unwrap_or(config.server.listen);
+        record.addresses = vec![address.to_string()];
         record.site = config.server.site.clone();
         record.software_version = env!("CARGO_PKG_VERSION").to_owned();
         record.updated_at_ms = now;

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::{now_ms, GridService, ServiceError};
-use crate::appliance::config::Config;
+use crate::appliance::config::{Config, NoPeerAddress};
 use crate::appliance::data_dir::{DataDir, DataDirError};
 use crate::federation::identity::{GridCa, IdentityError, ServerKey, TlsFiles};
 use crate::federation::join_token::{JoinTokenError, JoinTokenText};
@@ -30,6 +30,8 @@ pub enum SetupError {
     Identity(#[from] IdentityError),
     #[error(transparent)]
     Service(#[from] ServiceError),
+    #[error(transparent)]
+    NoPeerAddress(#[from] NoPeerAddress),
     #[error("the join token is not valid")]
     Token(#[from] JoinTokenError),
     #[error("cannot join through {seed}")]
@@ -63,12 +65,17 @@ pub struct NewGrid {
 }
 
 /// Creates the data directory and state of a server; with `new_grid`, also
-/// a new grid: its CA, this server's certificate and the first admin.
+/// a new grid: its CA, this server's certificate and the first admin. A
+/// server of a grid needs an address the others can dial
+/// ([`SetupError::NoPeerAddress`] otherwise, before anything is written).
 pub fn create_server(
     data_dir: &DataDir,
     config: &Config,
     new_grid: Option<NewGrid>,
 ) -> Result<(ServerId, Option<GridId>), SetupError> {
+    if new_grid.is_some() {
+        config.server.peer_address()?;
+    }
     let server_id = data_dir.create(&config.to_commented_toml())?;
     let (mut service, _) = GridService::open(server_id, &data_dir.state_dir())?;
     service.publish_own_record(config)?;
@@ -95,13 +102,14 @@ pub fn join_grid(
     seed: SocketAddr,
 ) -> Result<(ServerId, GridId), SetupError> {
     data_dir.require_uninitialised()?;
+    let peer_address = config.server.peer_address()?;
     let token: JoinTokenText = token.parse()?;
     let server_id = ServerId::random();
     let key = ServerKey::generate()?;
     let csr_pem = key.certificate_request(server_id)?;
     let record = ServerRecord::new(
         config.server.name.clone(),
-        vec![config.server.listen.to_string()],
+        vec![peer_address.to_string()],
         config.server.site.clone(),
         now_ms(),
     );

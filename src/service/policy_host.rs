@@ -1,0 +1,368 @@
+//! The policy loop on this server: the service as its [`PolicyHost`], the
+//! libvirt connection it acts through, and what wakes it when the state
+//! changes.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{broadcast, watch};
+
+use super::{now_ms, GridService, ServiceError};
+use crate::actuator::domain_xml::{NetworkAttachment, VNC_PASSWORD_MAX_BYTES};
+use crate::actuator::libvirt::{LibvirtHypervisor, LibvirtOptions};
+use crate::actuator::{AsyncHypervisor, DomainKind, DomainSpec, Hypervisor};
+use crate::appliance::config::Config;
+use crate::federation::membership::MemberState;
+use crate::model::{DisplayProtocol, ServerId, ServerRecord, Template, VmId};
+use crate::policy::{NoImageTransfer, PolicyHost, PolicySnapshot, PolicyWaker, PolicyWorker};
+use crate::state::{Delta, VersionVector};
+
+/// How often the state is checked for changes that arrive without a local
+/// write (a peer's delta, the failure detector's news). Local writes wake
+/// the loop at once.
+const STATE_POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// Backoff between libvirt connection attempts, as the host worker does.
+const FIRST_CONNECT_RETRY: Duration = Duration::from_secs(1);
+const MAX_CONNECT_RETRY: Duration = Duration::from_secs(60);
+
+/// How this server's new VMs are plugged in, from `config.toml` and libvirt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainSettings {
+    pub kind: DomainKind,
+    pub network: NetworkAttachment,
+    /// Where SPICE displays listen: clients connect to them directly.
+    pub spice_listen: IpAddr,
+    /// Where VNC displays listen: loopback, because the appliance proxies
+    /// them (noVNC) and an 8-byte VNC password must not face the network
+    /// alone (DESIGN.md section 10).
+    pub vnc_listen: IpAddr,
+}
+
+impl DomainSettings {
+    pub fn from_config(config: &Config, kind: DomainKind) -> Self {
+        Self {
+            kind,
+            network: NetworkAttachment::Network(config.libvirt.network.clone()),
+            spice_listen: config.server.listen.ip(),
+            vnc_listen: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        }
+    }
+}
+
+/// The service as the policy loop sees it.
+#[derive(Debug, Clone)]
+pub struct ServicePolicyHost {
+    service: Arc<Mutex<GridService>>,
+    server_id: ServerId,
+    seed: u64,
+    domains: DomainSettings,
+}
+
+impl ServicePolicyHost {
+    pub fn new(service: Arc<Mutex<GridService>>, domains: DomainSettings) -> Self {
+        let (server_id, seed) = {
+            let service = lock(&service);
+            (service.server_id(), service.policy_seed())
+        };
+        Self {
+            service,
+            server_id,
+            seed,
+            domains,
+        }
+    }
+}
+
+impl PolicyHost for ServicePolicyHost {
+    fn server_id(&self) -> ServerId {
+        self.server_id
+    }
+
+    fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    fn now_ms(&self) -> u64 {
+        now_ms()
+    }
+
+    fn snapshot(&self) -> PolicySnapshot {
+        let service = lock(&self.service);
+        // The same liveness `deskgrid plan` shows, so that it prints what
+        // this loop does.
+        let liveness = service
+            .state
+            .servers()
+            .map(|(server, _)| (server, service.liveness_of(server)))
+            .collect();
+        PolicySnapshot {
+            state: service.state.clone(),
+            liveness,
+        }
+    }
+
+    fn update_own_record(&self, change: &mut dyn FnMut(&mut ServerRecord)) -> Result<(), String> {
+        lock(&self.service)
+            .update_own_record(change)
+            .map_err(|error| crate::error_chain(&error))
+    }
+
+    fn domain_spec(&self, template: &Template, vm: VmId, disk_path: String) -> DomainSpec {
+        let (listen, password) = match template.display {
+            DisplayProtocol::Spice => (self.domains.spice_listen, display_password(32)),
+            DisplayProtocol::Vnc => (
+                self.domains.vnc_listen,
+                display_password(VNC_PASSWORD_MAX_BYTES),
+            ),
+        };
+        DomainSpec::for_template(
+            template,
+            vm,
+            self.domains.kind,
+            disk_path,
+            self.domains.network.clone(),
+            listen,
+            password,
+        )
+    }
+}
+
+impl GridService {
+    /// Changes this server's own record with `change`, then persists it and
+    /// hands it to the federation; a change that alters nothing writes
+    /// nothing. For the policy loop, which owns the record's VMs, images
+    /// and jobs.
+    pub fn update_own_record(
+        &mut self,
+        change: &mut dyn FnMut(&mut ServerRecord),
+    ) -> Result<(), ServiceError> {
+        let Some(before) = self.state.server(self.server_id) else {
+            return Err(ServiceError::Grid(
+                "this server has no record in the grid state yet".to_owned(),
+            ));
+        };
+        let mut record = before.clone();
+        change(&mut record);
+        if record == *before {
+            return Ok(());
+        }
+        let now = now_ms();
+        record.updated_at_ms = now;
+        let hlc = self.clock.tick(now);
+        let delta = self
+            .state
+            .prepare_server_update(self.server_id, hlc, record)?;
+        self.commit(delta)
+    }
+
+    /// The planner's seed: from the grid id, so every member computes the
+    /// same plans; a standalone server (no grid id) uses its own id.
+    pub fn policy_seed(&self) -> u64 {
+        match self.grid_id() {
+            Some(grid) => crate::placement::seed_from_bytes(grid.as_bytes()),
+            None => crate::placement::seed_from_bytes(self.server_id.as_bytes()),
+        }
+    }
+}
+
+/// Runs the policy loop until `shutdown` turns true: connects to libvirt
+/// (retrying with backoff while it is away), then plans and acts. Images
+/// cannot be pulled yet ([`NoImageTransfer`]): such jobs fail, and say why,
+/// in this server's record.
+pub async fn run(
+    config: Config,
+    service: Arc<Mutex<GridService>>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let options = config.libvirt.libvirt_options();
+    let Some(host) = connect(options, shutdown.clone()).await else {
+        return;
+    };
+    let domains = DomainSettings::from_config(&config, host.domain_kind());
+    let (local_changes, plan_now) = {
+        let service = lock(&service);
+        (service.subscribe_changes(), service.policy_wake_handle())
+    };
+    let policy_host = Arc::new(ServicePolicyHost::new(Arc::clone(&service), domains));
+    let worker = PolicyWorker::new(
+        policy_host,
+        AsyncHypervisor::new(Arc::new(host)),
+        Arc::new(NoImageTransfer),
+    )
+    .with_plan_now(plan_now);
+    let watcher = tokio::spawn(wake_on_changes(
+        service,
+        local_changes,
+        worker.waker(),
+        shutdown.clone(),
+    ));
+    tracing::info!("host ready; policy loop running");
+    worker.run(shutdown).await;
+    let _ = watcher.await;
+}
+
+/// Pokes the loop when the state changes: at once for a local write, within
+/// [`STATE_POLL_INTERVAL`] for a peer's delta or news from the failure
+/// detector (seen as a moved version vector or changed member states).
+async fn wake_on_changes(
+    service: Arc<Mutex<GridService>>,
+    mut local_changes: broadcast::Receiver<Delta>,
+    waker: PolicyWaker,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut local_open = true;
+    let mut poll = tokio::time::interval(STATE_POLL_INTERVAL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_seen: Option<(VersionVector, BTreeMap<ServerId, MemberState>)> = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            received = local_changes.recv(), if local_open => match received {
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => waker.state_changed(),
+                Err(broadcast::error::RecvError::Closed) => local_open = false,
+            },
+            _ = poll.tick() => {
+                let reading = Arc::clone(&service);
+                // The lock may be held through a write's fsync: wait for it
+                // off the async workers.
+                let seen = tokio::task::spawn_blocking(move || {
+                    let service = lock(&reading);
+                    (service.state.version_vector().clone(), service.member_states.clone())
+                })
+                .await;
+                let Ok(seen) = seen else { continue };
+                if last_seen.as_ref().is_some_and(|last| *last != seen) {
+                    waker.state_changed();
+                }
+                last_seen = Some(seen);
+            }
+        }
+    }
+}
+
+/// A libvirt connection with the pool ready, or `None` when the server
+/// stops first.
+async fn connect(
+    options: LibvirtOptions,
+    mut shutdown: watch::Receiver<bool>,
+) -> Option<LibvirtHypervisor> {
+    let mut retry = FIRST_CONNECT_RETRY;
+    loop {
+        let attempt = options.clone();
+        let connected = tokio::task::spawn_blocking(move || {
+            let host = LibvirtHypervisor::connect(attempt)?;
+            host.ensure_pool()?;
+            Ok::<_, crate::actuator::ActuatorError>(host)
+        })
+        .await;
+        match connected {
+            Ok(Ok(host)) => return Some(host),
+            Ok(Err(error)) => {
+                tracing::warn!(uri = %options.uri, error = %crate::error_chain(&error), retry_in = ?retry, "policy loop: host not ready");
+            }
+            Err(error) => {
+                tracing::error!(error = %error, "policy loop: host connection task failed")
+            }
+        }
+        tokio::select! {
+            _ = shutdown.changed() => return None,
+            _ = tokio::time::sleep(retry) => {}
+        }
+        retry = (retry * 2).min(MAX_CONNECT_RETRY);
+    }
+}
+
+/// A display password nobody knows, `len` hex characters (at most 64): the
+/// display stays locked until the broker sets a one-time ticket.
+fn display_password(len: usize) -> String {
+    let mut password = hex::encode(rand::random::<[u8; 32]>());
+    password.truncate(len);
+    password
+}
+
+fn lock(service: &Mutex<GridService>) -> std::sync::MutexGuard<'_, GridService> {
+    // Writes are durable before they are applied: a panic while holding the
+    // lock leaves at worst the state that is on disk.
+    service
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    // A test that unwraps fails with the value it met: exactly what a test should do.
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::appliance::config::{LibvirtSettings, ServerSettings};
+    use crate::model::{ImageHolding, ImageVersionId};
+
+    #[test]
+    fn the_service_hosts_the_policy_loop() {
+        let temp = tempfile::tempdir().unwrap();
+        let server_id = ServerId::random();
+        let (mut service, _) = GridService::open(server_id, temp.path()).unwrap();
+        let config = Config {
+            server: ServerSettings::default(),
+            libvirt: LibvirtSettings::default(),
+        };
+        service.publish_own_record(&config).unwrap();
+        let service = Arc::new(Mutex::new(service));
+        let host = ServicePolicyHost::new(
+            Arc::clone(&service),
+            DomainSettings::from_config(&config, DomainKind::Qemu),
+        );
+        assert_eq!(host.server_id(), server_id);
+        assert_eq!(
+            host.seed(),
+            crate::placement::seed_from_bytes(server_id.as_bytes()),
+            "a standalone server seeds with its own id"
+        );
+        let log_records = || lock(&service).summary().log_records;
+
+        let before = log_records();
+        host.update_own_record(&mut |record| record.jobs.clear())
+            .unwrap();
+        assert_eq!(
+            log_records(),
+            before,
+            "a change that changes nothing is not written"
+        );
+        let image = ImageVersionId::new("base-1").unwrap();
+        host.update_own_record(&mut |record| {
+            record.images.insert(image.clone(), ImageHolding::Complete);
+        })
+        .unwrap();
+        assert_eq!(log_records(), before + 1);
+        let snapshot = host.snapshot();
+        assert_eq!(
+            snapshot.state.server(server_id).unwrap().images.get(&image),
+            Some(&ImageHolding::Complete)
+        );
+        assert_eq!(
+            snapshot.liveness,
+            BTreeMap::from([(server_id, crate::placement::Liveness::Alive)])
+        );
+
+        let mut template = crate::model::sample_template("office");
+        template.display = DisplayProtocol::Vnc;
+        let vm = VmId::random();
+        let spec = host.domain_spec(&template, vm, "/pool/disk.qcow2".to_owned());
+        assert_eq!(spec.display.listen, IpAddr::V4(Ipv4Addr::LOCALHOST));
+        assert_eq!(spec.display.password.len(), VNC_PASSWORD_MAX_BYTES);
+        assert_eq!(
+            spec.network,
+            NetworkAttachment::Network("default".to_owned())
+        );
+        assert_eq!((spec.vm, spec.kind), (vm, DomainKind::Qemu));
+    }
+
+    #[test]
+    fn display_passwords_fit_their_protocol_and_differ() {
+        assert_eq!(display_password(VNC_PASSWORD_MAX_BYTES).len(), 8);
+        assert_eq!(display_password(32).len(), 32);
+        assert_ne!(display_password(32), display_password(32));
+    }
+}
