@@ -153,6 +153,48 @@ fn both_servers_print_the_same_plan() {
         "{text}"
     );
 
+    // The policy loops act on their own steps, and every admin sees it in
+    // `status`. The image exists only in alpha's record here (libvirt's
+    // test driver keeps its pools inside the serving process, out of this
+    // test's reach), so alpha's VM creation fails naming the missing base
+    // volume and is retried; beta's pull fails because image transfer is a
+    // later issue. Both say so in their records, seen from alpha.
+    let deadline = Instant::now() + CONVERGE_TIMEOUT;
+    loop {
+        let output = deskgrid(&alpha, &["--output", "json", "status"]);
+        assert!(output.status.success(), "status: {}", stderr(&output));
+        let status: Value = serde_json::from_slice(&output.stdout).unwrap();
+        let job = |name: &str, key: &str, error: &str| {
+            status["servers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|server| server["name"] == name)
+                .flat_map(|server| server["jobs"].as_array().unwrap().clone())
+                .any(|job| {
+                    job["key"] == key
+                        && job["attempts"].as_u64().unwrap() >= 1
+                        && job["last_error"]
+                            .as_str()
+                            .is_some_and(|text| text.contains(error))
+                })
+        };
+        let create_tried = job("alpha", "create-vms:office", "dg-base-office-v1");
+        let pull_tried = job(
+            "beta",
+            "pull-image:office-v1",
+            "image transfer is not available yet",
+        );
+        if create_tried && pull_tried {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the policy loops did not act: {status:#}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
     server_beta.stop();
     server_alpha.stop();
 }

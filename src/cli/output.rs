@@ -168,17 +168,23 @@ impl Output {
                 }
                 print_summary(&status.state);
                 println!(
-                    "{:<36}  {:<16} {:<10} {:<22} {:<8} last update",
-                    "server", "name", "site", "address", "state"
+                    "{:<36}  {:<16} {:<10} {:<22} {:<8} {:>9} {:>7} last update",
+                    "server", "name", "site", "address", "state", "VMs/ready", "images"
                 );
                 for server in &status.servers {
                     println!(
-                        "{:<36}  {:<16} {:<10} {:<22} {:<8} {}{}",
+                        "{:<36}  {:<16} {:<10} {:<22} {:<8} {:>9} {:>7} {}{}",
                         server.id,
                         server.name,
                         server.site,
                         server.addresses.first().map_or("-", String::as_str),
                         server.state,
+                        format!("{}/{}", server.vms, server.ready_vms),
+                        if server.images_pulling > 0 {
+                            format!("{}+{}", server.images_complete, server.images_pulling)
+                        } else {
+                            server.images_complete.to_string()
+                        },
                         server.updated_at_ms,
                         if server.this_server {
                             "  (this server)"
@@ -186,6 +192,21 @@ impl Output {
                             ""
                         }
                     );
+                }
+                for server in &status.servers {
+                    for job in &server.jobs {
+                        println!(
+                            "job on {}: {} [{:?}, {} attempt(s)]{}",
+                            server.name,
+                            job.summary,
+                            job.state,
+                            job.attempts,
+                            job.last_error
+                                .as_ref()
+                                .map(|error| format!(": {error}"))
+                                .unwrap_or_default()
+                        );
+                    }
                 }
             }
             OutputFormat::Json => self.json(status),

@@ -74,6 +74,19 @@ pub struct ServerSummary {
     /// `alive`, `suspect` or `missing` as the failure detector sees it;
     /// `unknown` until it has heard of the server (or without a grid).
     pub state: String,
+    /// Desktop VMs on the server and, of those, ready for a login.
+    #[serde(default)]
+    pub vms: usize,
+    #[serde(default)]
+    pub ready_vms: usize,
+    /// Base image versions it holds complete / is pulling.
+    #[serde(default)]
+    pub images_complete: usize,
+    #[serde(default)]
+    pub images_pulling: usize,
+    /// Its policy jobs in progress or failing, as its record says.
+    #[serde(default)]
+    pub jobs: Vec<crate::model::JobRecord>,
 }
 
 /// The grid state as this server holds it.
@@ -241,6 +254,25 @@ impl GridService {
                     this_server: id == self.server_id,
                     removed: self.is_revoked(id),
                     state: self.member_state(id).to_owned(),
+                    vms: record.vms.len(),
+                    ready_vms: record
+                        .vms
+                        .values()
+                        .filter(|vm| vm.state == crate::model::VmState::Ready)
+                        .count(),
+                    images_complete: record
+                        .images
+                        .values()
+                        .filter(|holding| matches!(holding, crate::model::ImageHolding::Complete))
+                        .count(),
+                    images_pulling: record
+                        .images
+                        .values()
+                        .filter(|holding| {
+                            matches!(holding, crate::model::ImageHolding::Partial { .. })
+                        })
+                        .count(),
+                    jobs: record.jobs.clone(),
                 })
                 .collect(),
             state: self.summary(),
