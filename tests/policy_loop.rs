@@ -1206,3 +1206,70 @@ async fn asked_to_plan_now_it_plans_at_once() {
     .await;
     running.stop().await;
 }
+
+/// The real planner drives the loop: a template wanting two desktops gets
+/// them on the only holder; when a pooled session ends (the desktop service
+/// marks the VM `Refreshing`), the VM gets a fresh disk from the base image,
+/// boots again and is ready for the next user, with nothing of the last one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_planner_fills_the_pool_and_refreshes_a_vm_after_logout() {
+    let a = server(1);
+    let grid = grid(&[a], Some(ImageHolding::Complete), Policy::default());
+    let mut wanted = template();
+    wanted.desired_vms = 2;
+    lock(&grid).write(a, ConfigValue::Template(wanted));
+    let host = FakeHost::new(a, &grid);
+    let hypervisor = InstrumentedHypervisor::with_base_image();
+    let worker = PolicyWorker::new(
+        Arc::clone(&host) as Arc<dyn PolicyHost>,
+        AsyncHypervisor::new(Arc::clone(&hypervisor) as Arc<dyn Hypervisor>),
+        Arc::new(NoImageTransfer),
+    )
+    .with_settings(settings());
+    let (shutdown, receiver) = watch::channel(false);
+    let handle = tokio::spawn(worker.run(receiver));
+
+    eventually("the pool holds two ready desktops", || {
+        vms_in(&record_of(&grid, a), VmState::Ready).len() == 2
+    })
+    .await;
+    let vm = *record_of(&grid, a).vms.keys().next().unwrap();
+    let overlay = VolumeName::Overlay(vm);
+    hypervisor
+        .inner
+        .write_volume_at(&overlay, 0, b"alice's files")
+        .unwrap();
+    let starts = hypervisor.start_calls.load(Ordering::SeqCst);
+
+    // Alice logs out of her pooled desktop.
+    lock(&grid).update_record(a, |record| {
+        let entry = record.vms.get_mut(&vm).unwrap();
+        entry.state = VmState::Refreshing;
+        entry.user = Some(deskgrid::model::UserName::new("alice").unwrap());
+    });
+    eventually("the desktop is ready again", || {
+        record_of(&grid, a)
+            .vms
+            .get(&vm)
+            .is_some_and(|entry| entry.state == VmState::Ready && entry.user.is_none())
+    })
+    .await;
+    let mut disk = Vec::new();
+    hypervisor
+        .inner
+        .export_volume(&overlay, &mut disk, &mut |_| {})
+        .unwrap();
+    assert!(
+        !disk.starts_with(b"alice's files"),
+        "the next user would see the last one's files"
+    );
+    assert_eq!(hypervisor.start_calls.load(Ordering::SeqCst), starts + 1);
+    assert_eq!(hypervisor.running_domains(), 2);
+    assert_eq!(record_of(&grid, a).vms.len(), 2, "refreshed, not replaced");
+
+    shutdown.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), handle)
+        .await
+        .unwrap()
+        .unwrap();
+}

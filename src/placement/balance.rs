@@ -2,8 +2,9 @@
 //!
 //! One pass, in this order, each part seeing what the earlier parts decided:
 //!
-//! 1. **VMs that must go**: failed VMs, idle VMs of a deleted template, idle
-//!    VMs on an image version their template no longer uses.
+//! 1. **VMs that must go or start fresh**: failed VMs, idle VMs of a deleted
+//!    template, idle VMs on an image version their template no longer uses;
+//!    a pooled VM whose session ended is refreshed from its base image.
 //! 2. **Surplus VMs**: a template with more VMs than it wants loses idle ones,
 //!    from the most loaded server first.
 //! 3. **Per image in use** (id order), static then dynamic: while fewer
@@ -222,10 +223,13 @@ impl<'v, 'a> Planner<'v, 'a> {
                 if !server.counts() {
                     continue;
                 }
+                // A VM being refreshed after a pooled session is free
+                // again as soon as it is: it goes like an idle one.
+                let free = is_idle(vm.state) || vm.state == VmState::Refreshing;
                 let removal = match template {
                     _ if vm.state == VmState::Failed => Some(Reason::FailedVm),
-                    None if is_idle(vm.state) => Some(Reason::TemplateDeleted),
-                    Some(template) if vm.image != template.image && is_idle(vm.state) => {
+                    None if free => Some(Reason::TemplateDeleted),
+                    Some(template) if vm.image != template.image && free => {
                         Some(Reason::OutdatedImage)
                     }
                     _ => None,
@@ -248,6 +252,16 @@ impl<'v, 'a> Planner<'v, 'a> {
                 let Some(index) = template_index else {
                     continue;
                 };
+                if vm.state == VmState::Refreshing && server.eligible() {
+                    self.steps.push(Step {
+                        target: server.id,
+                        action: Action::RefreshVm {
+                            vm: vm.id,
+                            template: vm.template.clone(),
+                        },
+                        reason: Reason::SessionEnded,
+                    });
+                }
                 if vm.state == VmState::Failed || vm.image != view.templates[index].image {
                     continue;
                 }

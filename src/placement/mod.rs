@@ -87,6 +87,9 @@ pub enum Action {
     },
     /// Destroy one idle (or failed) VM and its disk.
     RemoveVm { vm: VmId, template: TemplateName },
+    /// Give a pooled VM whose session ended a fresh disk from its base image
+    /// and boot it again (`Refreshing` -> `Ready`).
+    RefreshVm { vm: VmId, template: TemplateName },
 }
 
 impl Action {
@@ -99,6 +102,7 @@ impl Action {
             Self::DropImage { image } => format!("drop-image:{image}"),
             Self::CreateVms { template, .. } => format!("create-vms:{template}"),
             Self::RemoveVm { vm, .. } => format!("remove-vm:{vm}"),
+            Self::RefreshVm { vm, .. } => format!("refresh-vm:{vm}"),
         }
     }
 }
@@ -119,6 +123,9 @@ impl fmt::Display for Action {
             ),
             Self::RemoveVm { vm, template } => {
                 write!(formatter, "remove VM {vm} of template {template}")
+            }
+            Self::RefreshVm { vm, template } => {
+                write!(formatter, "refresh VM {vm} of template {template}")
             }
         }
     }
@@ -149,6 +156,8 @@ pub enum Reason {
     OutdatedImage,
     /// The VM's template was deleted.
     TemplateDeleted,
+    /// A pooled session ended: the next user gets a fresh desktop.
+    SessionEnded,
 }
 
 impl fmt::Display for Reason {
@@ -178,6 +187,7 @@ impl fmt::Display for Reason {
                 write!(formatter, "its template moved to another image version")
             }
             Self::TemplateDeleted => write!(formatter, "its template was deleted"),
+            Self::SessionEnded => write!(formatter, "its pooled session ended"),
         }
     }
 }

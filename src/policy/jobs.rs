@@ -246,6 +246,12 @@ fn image_ready_for(action: &Action, own: Option<&ServerRecord>) -> bool {
         Action::CreateVms { image, .. } => own
             .and_then(|record| record.images.get(image))
             .is_some_and(|holding| *holding == ImageHolding::Complete),
+        Action::RefreshVm { vm, .. } => own
+            .and_then(|record| {
+                let image = &record.vms.get(vm)?.image;
+                record.images.get(image)
+            })
+            .is_none_or(|holding| *holding == ImageHolding::Complete),
         Action::PullImage { .. } | Action::DropImage { .. } | Action::RemoveVm { .. } => true,
     }
 }

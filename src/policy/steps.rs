@@ -148,6 +148,7 @@ pub(crate) async fn execute(
             count,
         } => create_vms(&context, template, image, count, input).await,
         Action::RemoveVm { vm, .. } => remove_vm(&context, vm, input).await,
+        Action::RefreshVm { vm, template } => refresh_vm(&context, vm, template, input).await,
     }
 }
 
@@ -406,6 +407,51 @@ async fn remove_vm(context: &StepContext, vm: VmId, input: StepInput) -> Result<
         record.vms.remove(&vm);
     })
     .await
+}
+
+/// A pooled VM whose session ended: its disk is thrown away and cloned
+/// afresh from the base image, then it boots again (through a boot slot,
+/// like a new VM) and is ready for the next user. Already refreshed: done.
+/// If it cannot be made again it leaves the record, and the next plan
+/// creates a replacement.
+async fn refresh_vm(
+    context: &Arc<StepContext>,
+    vm: VmId,
+    template_name: TemplateName,
+    input: StepInput,
+) -> Result<(), PolicyError> {
+    let Some(record) = input.own.as_ref().and_then(|own| own.vms.get(&vm)) else {
+        return Ok(());
+    };
+    match record.state {
+        VmState::Refreshing => {}
+        VmState::Reserved | VmState::InUse => return Err(PolicyError::VmInUse { vm }),
+        _ => return Ok(()),
+    }
+    let image = record.image.clone();
+    let template = input
+        .template
+        .filter(|template| template.name == template_name)
+        .ok_or(PolicyError::UnknownTemplate {
+            template: template_name,
+        })?;
+    if holding(input.own.as_ref(), &image) != Some(&ImageHolding::Complete) {
+        return Err(PolicyError::ImageNotComplete { image });
+    }
+    update_record(&context.host, move |record| {
+        if let Some(entry) = record.vms.get_mut(&vm) {
+            entry.user = None;
+        }
+    })
+    .await?;
+    destroy(&context.hypervisor, vm)
+        .await
+        .map_err(|source| PolicyError::Vm {
+            operation: "throw away the old disk",
+            vm,
+            source,
+        })?;
+    create_vm(context, &template, &image, vm).await
 }
 
 /// Off, undefined, disk deleted; what is already gone is no error.

@@ -339,7 +339,7 @@ fn step_input(action: &Action, snapshot: &PolicySnapshot, own: ServerId) -> Step
         image: None,
     };
     match action {
-        Action::CreateVms { template, .. } => {
+        Action::CreateVms { template, .. } | Action::RefreshVm { template, .. } => {
             if let Some(ConfigValue::Template(found)) = snapshot
                 .state
                 .config(&ConfigKey::Template(template.clone()))

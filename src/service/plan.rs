@@ -17,7 +17,7 @@ pub struct PlanStepReport {
     pub target_name: String,
     /// True for the steps the asking server carries out itself.
     pub this_server: bool,
-    /// `pull-image`, `drop-image`, `create-vms` or `remove-vm`.
+    /// `pull-image`, `drop-image`, `create-vms`, `remove-vm` or `refresh-vm`.
     pub action: String,
     /// The image version, template or VM the step is about.
     pub object: String,
@@ -107,6 +107,7 @@ fn report(
                     template, count, ..
                 } => ("create-vms", template.to_string(), *count),
                 Action::RemoveVm { vm, .. } => ("remove-vm", vm.to_string(), 1),
+                Action::RefreshVm { vm, .. } => ("refresh-vm", vm.to_string(), 1),
             };
             PlanStepReport {
                 target: step.target,

@@ -205,6 +205,7 @@ impl Grid {
             VmState::Provisioning,
             VmState::Stopped,
             VmState::Failed,
+            VmState::Refreshing,
         ];
         for _ in 0..count {
             let server = rng.random_range(0..self.servers.len());
@@ -295,6 +296,16 @@ impl Grid {
                 }
                 Action::RemoveVm { vm, .. } => {
                     assert!(record.vms.remove(vm).is_some(), "removed a VM that exists");
+                }
+                Action::RefreshVm { vm, .. } => {
+                    let vm = record.vms.get_mut(vm).expect("refreshed a VM that exists");
+                    assert_eq!(
+                        vm.state,
+                        VmState::Refreshing,
+                        "refreshed a VM not refreshing"
+                    );
+                    vm.state = VmState::Ready;
+                    vm.user = None;
                 }
                 Action::CreateVms { .. } => {}
             }
