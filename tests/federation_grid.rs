@@ -770,6 +770,42 @@ impl Drop for NamespacedServer {
     }
 }
 
+/// `deskgrid --output json template ARGUMENTS` against `member`'s server,
+/// which must accept it; what it printed.
+fn template(member: &Member, arguments: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--output", "json", "template"];
+    all.extend_from_slice(arguments);
+    let output = deskgrid(&member.data_dir, &all);
+    assert!(
+        output.status.success(),
+        "template {}: {}",
+        arguments.join(" "),
+        stderr(&output)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// Waits until `template list` on `member` prints `expected`.
+fn wait_for_templates(member: &Member, expected: &serde_json::Value) {
+    let deadline = Instant::now() + CONVERGE_TIMEOUT;
+    loop {
+        let listed = template(member, &["list"]);
+        if listed == *expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} lists {listed}, never {expected}",
+            member.data_dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Both sides write while cut off from each other: different keys (join
+/// tokens) and the same keys (templates `office` and `lab`, a different value
+/// on each side). After the heal both hold everything, and for each shared
+/// key both pick the write that came later by hybrid logical clock.
 #[test]
 fn both_sides_of_a_partition_keep_writing_and_converge_after_the_heal() {
     let Some(network) = SplitNetwork::create() else {
@@ -847,6 +883,41 @@ fn both_sides_of_a_partition_keep_writing_and_converge_after_the_heal() {
     network.connect(false);
     let _ = token(&left, 1);
     let _ = token(&right, 1);
+    // The same key written on both sides, the right's write last: after
+    // the heal, last-writer-wins by hybrid logical clock must pick it on
+    // both. A second key written in the opposite order (the left's last)
+    // shows that the later write wins, not a favoured side or server id.
+    let create = |member: &Member, name: &str, image: &str, vcpus: &str, memory: &str, desired| {
+        template(
+            member,
+            &[
+                "create",
+                name,
+                "--image",
+                image,
+                "--vcpus",
+                vcpus,
+                "--memory",
+                memory,
+                "--desired",
+                desired,
+            ],
+        )
+    };
+    // Both namespaces read the same wall clock, and the clock counts
+    // milliseconds: writes 100 ms apart are ordered by their physical time
+    // with a wide margin, never by a tie-break.
+    let write_spacing = Duration::from_millis(100);
+    let office_first = create(&left, "office", "img-a", "1", "512", "2");
+    std::thread::sleep(write_spacing);
+    let office_second = create(&right, "office", "img-b", "2", "1024", "5");
+    let lab_first = create(&right, "lab", "img-c", "4", "2048", "1");
+    std::thread::sleep(write_spacing);
+    let lab_second = create(&left, "lab", "img-d", "8", "4096", "3");
+    assert_eq!(
+        [&office_first, &office_second, &lab_first, &lab_second].map(|written| &written["image"]),
+        ["img-a", "img-b", "img-c", "img-d"]
+    );
     std::thread::sleep(Duration::from_secs(3));
     let (left_digest, right_digest) = (
         status(&left)["state_digest"].clone(),
@@ -856,7 +927,43 @@ fn both_sides_of_a_partition_keep_writing_and_converge_after_the_heal() {
         left_digest, right_digest,
         "the partition really separated them (both sides wrote)"
     );
+    // `template list` is sorted by name: lab, then office.
+    assert_eq!(
+        template(&left, &["list"]),
+        serde_json::json!([lab_second, office_first]),
+        "while cut, the left sees only its own writes"
+    );
+    assert_eq!(
+        template(&right, &["list"]),
+        serde_json::json!([lab_first, office_second]),
+        "while cut, the right sees only its own writes"
+    );
 
     network.connect(true);
+    let healed = Instant::now();
+    wait_for_agreement(&[&left, &right], 2);
+    eprintln!("converged {:?} after the heal", healed.elapsed());
+    for member in [&left, &right] {
+        assert_eq!(
+            template(member, &["list"]),
+            serde_json::json!([lab_second, office_second]),
+            "the later write of each key wins on {}",
+            member.data_dir.display()
+        );
+    }
+
+    // The side that lost `office` writes it again after the heal: `set`
+    // changes the template it holds, the winner now, and the change travels
+    // to the other side.
+    let changed = template(&left, &["set", "office", "--desired", "7"]);
+    let mut office_changed = office_second.clone();
+    office_changed["desired_vms"] = serde_json::json!(7);
+    assert_eq!(changed, office_changed);
+    let sent = Instant::now();
+    wait_for_templates(&right, &serde_json::json!([lab_second, office_changed]));
+    eprintln!(
+        "a write after the heal reached the other side in {:?}",
+        sent.elapsed()
+    );
     wait_for_agreement(&[&left, &right], 2);
 }

@@ -17,8 +17,12 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use support::{budgets, used, Grid, GridSpec};
 
-/// Rounds a plan/apply loop may take to settle (see `fixpoint` below).
-const SETTLE_ROUNDS: usize = 3;
+/// Plans carried out before the plan is empty. One, except where a surplus
+/// complete copy of an image is kept while the pull that will replace it is
+/// still running (the planner never goes below the need in *complete*
+/// copies): that copy is dropped by the next plan, once the pull finished.
+/// Over 300 random grids: 284 settle after one plan, 16 after two.
+const SETTLE_ROUNDS: usize = 2;
 
 fn spec() -> impl Strategy<Value = (GridSpec, u64)> {
     (1usize..=200, 1usize..=50, any::<u64>(), any::<bool>()).prop_map(
@@ -407,6 +411,30 @@ fn a_small_grid_plans_what_a_person_would() {
     assert_eq!(created[&grid.servers[2].0], 2);
 
     grid.apply(&first);
+    assert_eq!(plan(&grid.view(), 1), Plan::default());
+
+    // A pooled session ends: the VM is refreshed for the next user...
+    let (holder, vm) = (
+        grid.servers[0].0,
+        *grid.servers[0].1.vms.keys().next().unwrap(),
+    );
+    grid.servers[0].1.vms.get_mut(&vm).unwrap().state = deskgrid::model::VmState::Refreshing;
+    let refresh = plan(&grid.view(), 1);
+    assert_eq!(refresh.steps.len(), 1, "{refresh:#?}");
+    assert_eq!(refresh.steps[0].target, holder);
+    assert!(
+        matches!(refresh.steps[0].action, Action::RefreshVm { vm: refreshed, .. } if refreshed == vm)
+    );
+    // ...unless the pool shrinks at the same time: then that VM goes first.
+    grid.templates[0].desired_vms = 9;
+    let shrink_one = plan(&grid.view(), 1);
+    assert_eq!(shrink_one.steps.len(), 1, "{shrink_one:#?}");
+    assert!(
+        matches!(shrink_one.steps[0].action, Action::RemoveVm { vm: removed, .. } if removed == vm)
+    );
+    grid.apply(&shrink_one);
+    grid.templates[0].desired_vms = 10;
+    grid.apply(&plan(&grid.view(), 1));
     assert_eq!(plan(&grid.view(), 1), Plan::default());
 
     // Desired down to 4: idle VMs go from the most loaded server first.

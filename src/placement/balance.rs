@@ -252,16 +252,6 @@ impl<'v, 'a> Planner<'v, 'a> {
                 let Some(index) = template_index else {
                     continue;
                 };
-                if vm.state == VmState::Refreshing && server.eligible() {
-                    self.steps.push(Step {
-                        target: server.id,
-                        action: Action::RefreshVm {
-                            vm: vm.id,
-                            template: vm.template.clone(),
-                        },
-                        reason: Reason::SessionEnded,
-                    });
-                }
                 if vm.state == VmState::Failed || vm.image != view.templates[index].image {
                     continue;
                 }
@@ -269,9 +259,14 @@ impl<'v, 'a> Planner<'v, 'a> {
                 if is_in_use(vm.state) {
                     self.in_use[index] += 1;
                 }
-                if is_idle(vm.state) {
+                if is_idle(vm.state) || vm.state == VmState::Refreshing {
                     self.idle[server_index].entry(index).or_default().push(vm);
                 }
+            }
+            // Surplus goes refreshing VMs first (no point in refreshing a
+            // VM only to remove it), then by id.
+            for vms in self.idle[server_index].values_mut() {
+                vms.sort_by_key(|vm| (vm.state != VmState::Refreshing, vm.id));
             }
             self.rooms.push(room);
             self.holdings.push(holdings);
@@ -294,6 +289,24 @@ impl<'v, 'a> Planner<'v, 'a> {
             .collect();
         for (index, &want) in desired.iter().enumerate() {
             self.remove_surplus(index, want);
+        }
+        // Refreshing VMs that stay are refreshed for the next user.
+        for (server, by_template) in self.idle.iter().enumerate() {
+            if !view.servers[server].eligible() {
+                continue;
+            }
+            for vm in by_template.values().flatten() {
+                if vm.state == VmState::Refreshing {
+                    self.steps.push(Step {
+                        target: view.servers[server].id,
+                        action: Action::RefreshVm {
+                            vm: vm.id,
+                            template: vm.template.clone(),
+                        },
+                        reason: Reason::SessionEnded,
+                    });
+                }
+            }
         }
         let allocated_before: Vec<u32> = self
             .allocated
@@ -476,7 +489,10 @@ impl<'v, 'a> Planner<'v, 'a> {
             let tie = object_hash(self.seed, template.name.as_str().as_bytes());
             // (complete first, most VMs still fitting, rendezvous) -> server
             let mut heap: BinaryHeap<(bool, i64, u64, usize)> = BinaryHeap::new();
-            for (server, holdings) in self.holdings.iter().enumerate() {
+            // Without a complete copy anywhere, no pull can finish: nothing
+            // is dealt (a shortfall says why).
+            let holdings = if has_source { &self.holdings[..] } else { &[] };
+            for (server, holdings) in holdings.iter().enumerate() {
                 let Some(holding) = holdings.get(image) else {
                     continue;
                 };
