@@ -21,6 +21,8 @@ pub mod policy;
 pub mod service;
 /// The state engine: replicated grid state, merge rules, crash-safe files.
 pub mod state;
+/// Image distribution: manifests, chunks, pulls from many holders.
+pub mod transfer;
 
 /// `error: cause: cause` — an error with its sources, for messages to people.
 pub fn error_chain(error: &dyn std::error::Error) -> String {
