@@ -111,6 +111,13 @@ fn storage_contract(host: &dyn Hypervisor) {
         "{error}"
     );
     let error = host
+        .read_volume_at(&VolumeName::Base(image.clone()), 16 * MIB - 2, 3)
+        .unwrap_err();
+    assert!(
+        matches!(error, ActuatorError::OutOfBounds { .. }),
+        "{error}"
+    );
+    let error = host
         .write_volume_at(&VolumeName::Base(image.clone()), 16 * MIB - 2, &[1, 2, 3])
         .unwrap_err();
     assert!(

@@ -377,6 +377,22 @@ fn writes_out_of_order_land_in_place(host: &dyn Hypervisor) {
     {
         panic!("out-of-order writes: the exported volume differs first at byte {first_difference}");
     }
+    // Reads at offsets (how chunks are served) see the same bytes.
+    for (offset, data) in &chunks {
+        let read = host
+            .read_volume_at(&volume.name, *offset, data.len() as u64)
+            .unwrap();
+        assert!(read == *data, "the chunk read at {offset} differs");
+    }
+    let across = host.read_volume_at(&volume.name, MIB - 100, 200).unwrap();
+    assert_eq!(
+        &across[..],
+        &expected[(MIB - 100) as usize..(MIB + 100) as usize]
+    );
+    assert!(matches!(
+        host.read_volume_at(&volume.name, capacity - 10, 11),
+        Err(ActuatorError::OutOfBounds { .. })
+    ));
     host.delete_volume(&volume.name).unwrap();
 }
 

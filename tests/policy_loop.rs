@@ -357,6 +357,14 @@ impl Hypervisor for InstrumentedHypervisor {
     fn delete_volume(&self, name: &VolumeName) -> Result<(), ActuatorError> {
         self.inner.delete_volume(name)
     }
+    fn read_volume_at(
+        &self,
+        name: &VolumeName,
+        offset: u64,
+        length: u64,
+    ) -> Result<Vec<u8>, ActuatorError> {
+        self.inner.read_volume_at(name, offset, length)
+    }
     fn list_volumes(&self) -> Result<Vec<VolumeInfo>, ActuatorError> {
         self.inner.list_volumes()
     }

@@ -364,6 +364,32 @@ impl Hypervisor for FakeHypervisor {
         Ok(capacity)
     }
 
+    fn read_volume_at(
+        &self,
+        name: &VolumeName,
+        offset: u64,
+        length: u64,
+    ) -> Result<Vec<u8>, ActuatorError> {
+        let mut host = self.host();
+        let volume = host.volume_mut(name)?;
+        let end = offset.checked_add(length);
+        let Some(end) = end.filter(|end| *end <= volume.capacity) else {
+            return Err(ActuatorError::OutOfBounds {
+                what: "a read",
+                name: name.to_string(),
+                limit: volume.capacity,
+            });
+        };
+        let mut bytes = vec![0u8; (end - offset) as usize];
+        let stored = volume.data.len() as u64;
+        if offset < stored {
+            let copied = (end.min(stored) - offset) as usize;
+            let start = offset as usize;
+            bytes[..copied].copy_from_slice(&volume.data[start..start + copied]);
+        }
+        Ok(bytes)
+    }
+
     fn write_volume_at(
         &self,
         name: &VolumeName,

@@ -168,6 +168,14 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
         progress: Progress<'_>,
     ) -> Result<u64, ActuatorError>;
 
+    /// Reads `length` bytes at `offset` of a volume (serving one chunk).
+    fn read_volume_at(
+        &self,
+        name: &VolumeName,
+        offset: u64,
+        length: u64,
+    ) -> Result<Vec<u8>, ActuatorError>;
+
     /// Writes `data` at `offset` of a volume (chunks arriving out of order).
     fn write_volume_at(
         &self,

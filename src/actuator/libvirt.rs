@@ -448,6 +448,67 @@ impl Hypervisor for LibvirtHypervisor {
         Ok(done)
     }
 
+    fn read_volume_at(
+        &self,
+        name: &VolumeName,
+        offset: u64,
+        length: u64,
+    ) -> Result<Vec<u8>, ActuatorError> {
+        let pool = self.pool()?;
+        let volume = self.volume(&pool, name)?;
+        let capacity = volume
+            .get_info()
+            .map_err(libvirt_error("read volume info"))?
+            .capacity;
+        let end = offset.checked_add(length);
+        if end.is_none_or(|end| end > capacity) {
+            return Err(ActuatorError::OutOfBounds {
+                what: "a read",
+                name: name.to_string(),
+                limit: capacity,
+            });
+        }
+        if length == 0 {
+            return Ok(Vec::new());
+        }
+        let connection = self.current_connection();
+        let stream = Stream::new(&connection, 0).map_err(libvirt_error("open a stream"))?;
+        volume
+            .download(&stream, offset, length, 0)
+            .map_err(libvirt_error("start a volume download"))?;
+        let wanted = usize::try_from(length).unwrap_or(usize::MAX);
+        let mut bytes = vec![0u8; wanted];
+        let mut done = 0usize;
+        while done < wanted {
+            let received = match stream.recv(&mut bytes[done..]) {
+                Ok(received) => received,
+                Err(error) => {
+                    let _ = stream.abort();
+                    return Err(libvirt_error("receive download data")(error));
+                }
+            };
+            if received == 0 {
+                break;
+            }
+            done += received;
+        }
+        if done < wanted {
+            let _ = stream.abort();
+            return Err(ActuatorError::Stream {
+                operation: "read",
+                name: name.to_string(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("the volume ended after {done} of {wanted} bytes"),
+                ),
+            });
+        }
+        stream
+            .finish()
+            .map_err(libvirt_error("finish the download"))?;
+        Ok(bytes)
+    }
+
     fn write_volume_at(
         &self,
         name: &VolumeName,
