@@ -157,8 +157,9 @@ fn both_servers_print_the_same_plan() {
     // `status`. The image exists only in alpha's record here (libvirt's
     // test driver keeps its pools inside the serving process, out of this
     // test's reach), so alpha's VM creation fails naming the missing base
-    // volume and is retried; beta's pull fails because image transfer is a
-    // later issue. Both say so in their records, seen from alpha.
+    // volume and is retried; beta's pull fails because alpha has no
+    // manifest to serve for it (nothing was imported). Both say so in their
+    // records, seen from alpha.
     let deadline = Instant::now() + CONVERGE_TIMEOUT;
     loop {
         let output = deskgrid(&alpha, &["--output", "json", "status"]);
@@ -183,7 +184,7 @@ fn both_servers_print_the_same_plan() {
         let pull_tried = job(
             "beta",
             "pull-image:office-v1",
-            "image transfer is not available yet",
+            "no manifest is stored for it",
         );
         if create_tried && pull_tried {
             break;

@@ -768,7 +768,12 @@ async fn a_failing_pull_is_retried_with_backoff_reported_and_succeeds_when_fixed
             "gap {index} is {gap:?}, at least {least:?} expected: {gaps:?}"
         );
     }
-    // A failed pull leaves no partial copy behind to mislead the planners.
+    // A failed pull that left no volume has nothing to resume: between
+    // attempts, no partial copy stays behind to mislead the planners.
+    eventually("the pull waits for its back-off", || {
+        job(&grid, a, "pull-image:base-1").is_some_and(|job| job.state == JobState::Failed)
+    })
+    .await;
     assert!(!record_of(&grid, a).images.contains_key(&image()));
 
     puller.fail.store(false, Ordering::SeqCst);
@@ -1090,9 +1095,21 @@ async fn a_job_the_plan_drops_leaves_the_record() {
         job(&grid, a, "pull-image:base-1").is_some_and(|job| job.state == JobState::Failed)
     })
     .await;
-    planner.set(Vec::new());
+    // The failed pull left a volume (the host has one): its partial copy
+    // stays and is resumed while the plan keeps it; a plan that drops the
+    // copy ends the pull job too.
+    assert!(matches!(
+        record_of(&grid, a).images.get(&image()),
+        Some(ImageHolding::Partial { .. })
+    ));
+    eventually("the pull is resumed after its back-off", || {
+        job(&grid, a, "pull-image:base-1").is_some_and(|job| job.attempts >= 2)
+    })
+    .await;
+    planner.set(vec![Want::NoImage { target: a }]);
     eventually("the job left the record", || {
-        record_of(&grid, a).jobs.is_empty()
+        let record = record_of(&grid, a);
+        record.jobs.is_empty() && record.images.is_empty()
     })
     .await;
     running.stop().await;
@@ -1133,7 +1150,7 @@ async fn stopping_is_bounded_and_leaves_no_job_shown() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restart_marks_abandoned_work_failed() {
+async fn a_restart_marks_abandoned_vms_failed_and_resumes_pulls() {
     let a = server(1);
     let grid = grid(
         &[a],
@@ -1168,19 +1185,38 @@ async fn a_restart_marks_abandoned_work_failed() {
     });
     let host = FakeHost::new(a, &grid);
     let hypervisor = InstrumentedHypervisor::with_base_image();
+    let puller = FakePuller::new(&hypervisor);
+    puller.gate.send_replace(false);
+    // A planner that asks for nothing: the partial copy counts as a holder.
     let planner = TestPlanner::new(Vec::new());
-    let running = start(
-        &host,
-        &hypervisor,
-        Arc::new(NoImageTransfer),
-        &planner,
-        settings(),
-    );
+    let running = start(&host, &hypervisor, puller.clone(), &planner, settings());
     let_it_plan(&planner, 1).await;
+    eventually("the interrupted pull is resumed", || puller.n_calls() == 1).await;
     let record = record_of(&grid, a);
     assert_eq!(record.vms[&vm].state, VmState::Failed);
-    assert!(record.images.is_empty(), "no transfer to resume the pull");
-    assert!(record.jobs.is_empty());
+    assert_eq!(
+        record.images.get(&image()),
+        Some(&ImageHolding::Partial {
+            bytes_done: 1,
+            bytes_total: 2
+        }),
+        "the partial copy and its progress are kept"
+    );
+    let resumed = job(&grid, a, "pull-image:base-1").unwrap();
+    assert_eq!((resumed.state, resumed.attempts), (JobState::Running, 1));
+    assert!(
+        resumed.summary.starts_with("pull image base-1"),
+        "{resumed:?}"
+    );
+
+    puller.gate.send_replace(true);
+    eventually("the resumed pull completes and leaves no job", || {
+        let record = record_of(&grid, a);
+        record.images.get(&image()) == Some(&ImageHolding::Complete) && record.jobs.is_empty()
+    })
+    .await;
+    let_it_plan(&planner, 3).await;
+    assert_eq!(puller.n_calls(), 1, "a complete copy is not pulled again");
     running.stop().await;
 }
 

@@ -16,7 +16,9 @@ use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
-use crate::model::{Template, TemplateName};
+use crate::appliance::data_dir::DataDir;
+use crate::model::{ImageDigest, ImageVersionId, Template, TemplateName};
+use crate::service::images::ImageSummary;
 use crate::service::templates::{StoredTemplate, TemplateChange};
 use crate::service::{GridService, StateSummary, StatusReport};
 
@@ -66,6 +68,15 @@ pub enum ControlCommand {
         name: TemplateName,
     },
     ListTemplates,
+    /// Records a base image version imported on this server (by
+    /// `deskgrid image import`): its volume is in the pool and its manifest
+    /// in this server's store, and must match `digest` and `virtual_size`.
+    RegisterImage {
+        version: ImageVersionId,
+        digest: ImageDigest,
+        virtual_size: u64,
+    },
+    ListImages,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,6 +99,10 @@ pub enum ControlReply {
     },
     /// Every template, sorted by name.
     Templates(Vec<Template>),
+    /// The version as registered.
+    ImageRegistered(ImageSummary),
+    /// Every base image version, sorted, with the servers that hold it.
+    Images(Vec<ImageSummary>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -188,14 +203,16 @@ pub async fn serve(
     service: Arc<Mutex<GridService>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let data_dir = Arc::new(data_dir_of(&listener));
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let service = Arc::clone(&service);
+                    let data_dir = Arc::clone(&data_dir);
                     tokio::spawn(async move {
-                        if let Err(error) = handle_connection(stream, service).await {
+                        if let Err(error) = handle_connection(stream, service, data_dir).await {
                             tracing::warn!(error = %error, "control connection failed");
                         }
                     });
@@ -209,9 +226,18 @@ pub async fn serve(
     }
 }
 
+/// The data directory the socket lives in: it is always
+/// `DATA_DIR/control.sock` ([`DataDir::control_socket`]), so the server's
+/// other files (the manifests an import registers) are beside it.
+fn data_dir_of(listener: &UnixListener) -> Option<DataDir> {
+    let address = listener.local_addr().ok()?;
+    address.as_pathname()?.parent().map(DataDir::new)
+}
+
 async fn handle_connection(
     stream: UnixStream,
     service: Arc<Mutex<GridService>>,
+    data_dir: Arc<Option<DataDir>>,
 ) -> std::io::Result<()> {
     // The socket's mode already keeps other users out; the peer's uid is
     // checked too, so a socket copied or re-permissioned stays private.
@@ -240,7 +266,9 @@ async fn handle_connection(
             Ok(request) => {
                 let service = Arc::clone(&service);
                 // State changes fsync: keep them off the async workers.
-                tokio::task::spawn_blocking(move || execute(&service, request.command))
+                tokio::task::spawn_blocking(move || {
+                    execute(&service, data_dir.as_ref().as_ref(), request.command)
+                })
                     .await
                     .unwrap_or_else(|error| ControlResponse::Error(format!("request failed: {error}")))
             }
@@ -252,7 +280,11 @@ async fn handle_connection(
     writer.shutdown().await
 }
 
-fn execute(service: &Mutex<GridService>, command: ControlCommand) -> ControlResponse {
+fn execute(
+    service: &Mutex<GridService>,
+    data_dir: Option<&DataDir>,
+    command: ControlCommand,
+) -> ControlResponse {
     let mut service = match service.lock() {
         Ok(service) => service,
         // A panic while holding the lock left the state as it was on disk at
@@ -303,5 +335,22 @@ fn execute(service: &Mutex<GridService>, command: ControlCommand) -> ControlResp
         ControlCommand::ListTemplates => {
             ControlResponse::Ok(ControlReply::Templates(service.templates()))
         }
+        ControlCommand::RegisterImage {
+            version,
+            digest,
+            virtual_size,
+        } => {
+            let Some(data_dir) = data_dir else {
+                return ControlResponse::Error(
+                    "this server does not know its data directory, so it has no manifests"
+                        .to_owned(),
+                );
+            };
+            match service.register_image(data_dir, &version, &digest, virtual_size) {
+                Ok(summary) => ControlResponse::Ok(ControlReply::ImageRegistered(summary)),
+                Err(error) => ControlResponse::Error(crate::error_chain(&error)),
+            }
+        }
+        ControlCommand::ListImages => ControlResponse::Ok(ControlReply::Images(service.images())),
     }
 }

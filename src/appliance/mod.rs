@@ -4,6 +4,7 @@
 pub mod config;
 pub mod data_dir;
 
+use std::num::NonZeroU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,6 +17,11 @@ use data_dir::{DataDir, DataDirLock};
 
 /// How long shutdown waits for in-flight work before it exits anyway.
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
+/// **Test-only fault hook**, never for production: `N` makes this server
+/// flip a byte in every Nth image chunk it serves, so tests can show that
+/// receivers detect corrupt chunks, fetch them elsewhere and report the
+/// holder (`tests/transfer_grid.rs`).
+pub const TEST_CORRUPT_CHUNKS_ENV: &str = "DESKGRID_TEST_CORRUPT_CHUNKS";
 
 /// A running appliance.
 #[derive(Debug)]
@@ -85,6 +91,14 @@ pub async fn serve(data_dir: DataDir) -> anyhow::Result<()> {
     ));
     tracing::info!(uri = %appliance.config.libvirt.uri, "host worker started");
     let federation_endpoint = federation_endpoint(&appliance)?;
+    // Base images between servers: served to peers through the federation,
+    // pulled through the same endpoint (a standalone server has none).
+    let image_transfer = crate::service::policy_host::ImageTransfer::new(
+        Arc::clone(&appliance.service),
+        appliance.data_dir.transfer_dir(),
+        federation_endpoint.clone(),
+        test_corrupt_chunks(),
+    );
     let (grid_id, server_id) = {
         let service = lock_service(&appliance.service);
         (service.grid_id(), service.server_id())
@@ -102,6 +116,7 @@ pub async fn serve(data_dir: DataDir) -> anyhow::Result<()> {
                 Arc::new(crate::service::grid::FederatedService(Arc::clone(
                     &appliance.service,
                 ))),
+                image_transfer.chunk_source(),
                 changes,
                 crate::federation::node::NodeSettings::default(),
                 advertised,
@@ -118,6 +133,7 @@ pub async fn serve(data_dir: DataDir) -> anyhow::Result<()> {
     let policy = tokio::spawn(crate::service::policy_host::run(
         appliance.config.clone(),
         Arc::clone(&appliance.service),
+        image_transfer,
         shutdown.clone(),
     ));
     tracing::info!("policy worker started");
@@ -150,6 +166,21 @@ pub async fn serve(data_dir: DataDir) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The test-only fault hook from [`TEST_CORRUPT_CHUNKS_ENV`], said loudly.
+fn test_corrupt_chunks() -> Option<NonZeroU64> {
+    let value = std::env::var(TEST_CORRUPT_CHUNKS_ENV).ok()?;
+    match value.parse::<NonZeroU64>() {
+        Ok(every) => {
+            tracing::warn!(every, "TEST-ONLY fault hook on: a byte of every Nth image chunk served is flipped ({TEST_CORRUPT_CHUNKS_ENV})");
+            Some(every)
+        }
+        Err(_) => {
+            tracing::warn!(%value, "{TEST_CORRUPT_CHUNKS_ENV} is not a positive number; ignored");
+            None
+        }
+    }
 }
 
 /// SIGTERM and SIGINT, caught from the moment they are installed.

@@ -5,6 +5,7 @@
 //! commands reach it through the control socket; only `init` and `state check`
 //! work on the files directly.
 
+mod images;
 mod output;
 mod setup;
 mod templates;
@@ -106,6 +107,10 @@ pub enum Command {
     /// Desktop templates of the grid (asks the running server).
     #[command(subcommand)]
     Template(templates::TemplateCommand),
+
+    /// Base images of the grid: import one, list them.
+    #[command(subcommand)]
+    Image(images::ImageCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -353,6 +358,7 @@ fn run(cli: Cli, output: &Output) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Template(command) => templates::run(&data_dir, command, output),
+        Command::Image(command) => images::run(&data_dir, command, output),
         Command::Serve => {
             let runtime =
                 tokio::runtime::Runtime::new().context("cannot start the async runtime")?;

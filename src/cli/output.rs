@@ -449,3 +449,133 @@ fn column_width(header: &str, cells: impl Iterator<Item = String>) -> usize {
         .map(|cell| cell.chars().count())
         .fold(header.len(), usize::max)
 }
+
+/// Base images (`deskgrid image`).
+impl Output {
+    /// Whether results are printed for people (progress bars make sense).
+    pub fn is_text(&self) -> bool {
+        self.format == OutputFormat::Text
+    }
+
+    pub fn image_imported(&self, report: &crate::service::images::ImportReport) {
+        match self.format {
+            OutputFormat::Text => println!(
+                "imported {}: {} from {}, {}, {:.0} MB/s ({:.1} s)",
+                report.version,
+                indicatif::BinaryBytes(report.virtual_size),
+                report.source_format,
+                report.digest,
+                report.mb_per_second,
+                report.seconds,
+            ),
+            OutputFormat::Json => self.json(report),
+        }
+    }
+
+    /// Image versions as a table (sorted by version, as the server sends them).
+    pub fn images(&self, images: &[crate::service::images::ImageSummary]) {
+        /// Hex digits of a digest shown in the table (`--output json` has all).
+        const DIGEST_HEX_SHOWN: usize = 12;
+        match self.format {
+            OutputFormat::Text => {
+                if images.is_empty() {
+                    println!("no base images yet: import one with `deskgrid image import FILE --name VERSION`");
+                    return;
+                }
+                let rows: Vec<[String; 7]> = images
+                    .iter()
+                    .map(|image| {
+                        let digest = image.digest.map_or_else(
+                            || "-".to_owned(),
+                            |digest| {
+                                let text = digest.to_string();
+                                let shown = "sha256:".len() + DIGEST_HEX_SHOWN;
+                                text.get(..shown).unwrap_or(&text).to_owned()
+                            },
+                        );
+                        let server = |name: &str, this_server: bool| {
+                            if this_server {
+                                format!("{name} (this)")
+                            } else {
+                                name.to_owned()
+                            }
+                        };
+                        let complete: Vec<String> = image
+                            .complete_on
+                            .iter()
+                            .map(|holder| server(&holder.name, holder.this_server))
+                            .collect();
+                        let pulling: Vec<String> = image
+                            .pulling_on
+                            .iter()
+                            .map(|pull| {
+                                let percent = pull
+                                    .bytes_done
+                                    .saturating_mul(100)
+                                    .checked_div(pull.bytes_total)
+                                    .unwrap_or(0);
+                                format!("{} {percent}%", server(&pull.name, pull.this_server))
+                            })
+                            .collect();
+                        let list = |items: Vec<String>| {
+                            if items.is_empty() {
+                                "-".to_owned()
+                            } else {
+                                items.join(", ")
+                            }
+                        };
+                        [
+                            image.id.to_string(),
+                            image_state_label(image.state).to_owned(),
+                            indicatif::BinaryBytes(image.virtual_size).to_string(),
+                            digest,
+                            image
+                                .parent
+                                .as_ref()
+                                .map_or_else(|| "-".to_owned(), ToString::to_string),
+                            list(complete),
+                            list(pulling),
+                        ]
+                    })
+                    .collect();
+                let headers = [
+                    "version",
+                    "state",
+                    "size",
+                    "digest",
+                    "parent",
+                    "complete on",
+                    "pulling",
+                ];
+                let widths: Vec<usize> = headers
+                    .iter()
+                    .enumerate()
+                    .map(|(column, header)| {
+                        column_width(header, rows.iter().map(|row| row[column].clone()))
+                    })
+                    .collect();
+                let print_row = |cells: &[String]| {
+                    let line: Vec<String> = cells
+                        .iter()
+                        .zip(&widths)
+                        .map(|(cell, width)| format!("{cell:<width$}"))
+                        .collect();
+                    println!("{}", line.join("  ").trim_end());
+                };
+                print_row(&headers.map(str::to_owned));
+                for row in &rows {
+                    print_row(row);
+                }
+            }
+            OutputFormat::Json => self.json(&images),
+        }
+    }
+}
+
+fn image_state_label(state: crate::model::ImageState) -> &'static str {
+    match state {
+        crate::model::ImageState::Importing => "importing",
+        crate::model::ImageState::Ready => "ready",
+        crate::model::ImageState::Retired => "retired",
+    }
+}

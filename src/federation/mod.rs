@@ -1,6 +1,9 @@
 //! The federation engine: what makes appliances one grid. Grid identity and
 //! authenticated join, QUIC between peers with mutual TLS, SWIM membership,
 //! state dissemination, and discovery by seed address and mDNS.
+//!
+//! The root re-exports what other adapters use (image transfer asks peers
+//! for manifests and chunks and answers them through [`ChunkSource`]).
 
 pub mod discovery;
 pub mod dissemination;
@@ -11,3 +14,10 @@ pub mod node;
 pub mod protocol;
 pub mod simulation;
 pub mod transport;
+
+pub use node::{
+    request_chunk, request_manifest, ChunkRefusal, ChunkReply, ChunkSource, ImageRequestError,
+    CHUNK_REQUESTS_PER_PEER, CHUNK_REQUESTS_TOTAL,
+};
+pub use protocol::ProtocolError;
+pub use transport::{PeerConnection, PeerEndpoint, TransportError};

@@ -28,22 +28,34 @@
 //! The membership plans for the grid's size: the number of servers the
 //! state knows that are not removed, this one included, updated as it
 //! changes.
+//!
+//! Base images: manifest and chunk requests are answered through a
+//! [`ChunkSource`] (the transfer module's), on tokio's blocking pool. A peer
+//! has at most [`CHUNK_REQUESTS_PER_PEER`] chunk requests served at once and
+//! the server [`CHUNK_REQUESTS_TOTAL`]; further requests wait for a slot
+//! (backpressure: the asker's request simply takes longer), they are never
+//! refused for being many. [`request_manifest`] and [`request_chunk`] are
+//! the asking side.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use super::dissemination::{Disseminator, Outgoing};
 use super::membership::{
     MemberId, MemberState, Membership, MembershipOutput, MembershipSettings, MembershipTimer,
 };
-use super::protocol::{self, JoinGrant, JoinRequest, PeerRequest, PeerResponse};
-use super::transport::{BoxFuture, PeerConnection, PeerEndpoint, PeerHandler, PeerIdentity};
-use crate::model::ServerId;
+use super::protocol::{self, JoinGrant, JoinRequest, PeerRequest, PeerResponse, ProtocolError};
+use super::transport::{
+    BoxFuture, PeerConnection, PeerEndpoint, PeerHandler, PeerIdentity, TransportError,
+    MAX_MESSAGE_BYTES,
+};
+use crate::model::{ImageVersionId, ServerId};
 use crate::state::{Delta, VersionVector};
+use crate::transfer::{Encoding, Manifest};
 
 /// What the federation needs from the grid state. Calls may block (they
 /// fsync); the runtime makes them on tokio's blocking pool.
@@ -58,6 +70,177 @@ pub trait GridStateAccess: Send + Sync + 'static {
     fn revoked(&self) -> Vec<ServerId>;
     /// What the failure detector says of every other member.
     fn report_members(&self, members: BTreeMap<ServerId, MemberState>);
+}
+
+/// What this server serves of the base images it holds: the transfer
+/// module implements it over the pool and the manifest store. Calls block
+/// (pool reads); the runtime makes them on tokio's blocking pool.
+pub trait ChunkSource: Send + Sync + 'static {
+    /// The manifest of `image`, checked against the grid's digest.
+    fn manifest(&self, image: &ImageVersionId) -> Result<Manifest, ChunkRefusal>;
+
+    /// Data chunk `index` of `image` as it travels, for `peer`.
+    fn read_chunk(
+        &self,
+        peer: ServerId,
+        image: &ImageVersionId,
+        index: u64,
+    ) -> Result<(Encoding, Vec<u8>), ChunkRefusal>;
+}
+
+/// Why a manifest or chunk request is refused; the asker gets the text.
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkRefusal {
+    #[error("image version {image} is not in the grid state")]
+    UnknownImage { image: ImageVersionId },
+    #[error("image version {image} is not held complete here")]
+    NotHeld { image: ImageVersionId },
+    #[error("image version {image} has no chunk {index} (it has {chunks})")]
+    NoSuchChunk {
+        image: ImageVersionId,
+        index: u64,
+        chunks: u64,
+    },
+    #[error("chunk {index} of image version {image} is all zeros and never sent")]
+    ZeroChunk { image: ImageVersionId, index: u64 },
+    #[error("image version {image} cannot be read here now")]
+    Unavailable {
+        image: ImageVersionId,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// Chunk requests one peer may have served at once. A puller keeps about
+/// this many in flight per source, so a healthy one never waits; a greedy
+/// or broken one cannot take every slot.
+pub const CHUNK_REQUESTS_PER_PEER: usize = 4;
+/// Chunk requests served at once in total: each holds a 4 MiB chunk twice
+/// (read and encoded, 64 MiB at most) and a thread of the blocking pool,
+/// and compresses on a CPU the server's own work needs too.
+pub const CHUNK_REQUESTS_TOTAL: usize = 8;
+
+/// The serving slots for chunk requests: per peer, then in total. A
+/// request waits for both (the per-peer slot first, so one peer's queue
+/// never holds slots of the shared pool).
+#[derive(Debug)]
+struct ChunkLimits {
+    per_peer_limit: usize,
+    per_peer: std::sync::Mutex<BTreeMap<ServerId, Arc<Semaphore>>>,
+    total: Arc<Semaphore>,
+}
+
+impl ChunkLimits {
+    fn new(per_peer_limit: usize, total_limit: usize) -> Self {
+        Self {
+            per_peer_limit: per_peer_limit.max(1),
+            per_peer: std::sync::Mutex::new(BTreeMap::new()),
+            total: Arc::new(Semaphore::new(total_limit.max(1))),
+        }
+    }
+
+    /// Waits for a slot for `peer`; the slot is held until the permits drop.
+    async fn acquire(&self, peer: ServerId) -> (OwnedSemaphorePermit, OwnedSemaphorePermit) {
+        let own = {
+            // One semaphore per peer that ever asked: bounded by the grid.
+            let mut per_peer = self
+                .per_peer
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            Arc::clone(
+                per_peer
+                    .entry(peer)
+                    .or_insert_with(|| Arc::new(Semaphore::new(self.per_peer_limit))),
+            )
+        };
+        let own = own
+            .acquire_owned()
+            .await
+            .expect("chunk slot semaphores are never closed");
+        let shared = Arc::clone(&self.total)
+            .acquire_owned()
+            .await
+            .expect("chunk slot semaphores are never closed");
+        (own, shared)
+    }
+}
+
+/// Why asking a peer for a manifest or a chunk failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageRequestError {
+    #[error("the request did not complete")]
+    Transport(#[from] TransportError),
+    #[error("the answer cannot be decoded")]
+    Protocol(#[from] ProtocolError),
+    #[error("refused: {reason}")]
+    Refused { reason: String },
+    #[error("the answer to a {asked} request is something else")]
+    Unexpected { asked: &'static str },
+}
+
+impl ImageRequestError {
+    /// The peer answered, but with bytes no honest server sends (as opposed
+    /// to not answering or refusing): it counts against the peer.
+    pub fn is_bad_answer(&self) -> bool {
+        matches!(self, Self::Protocol(_) | Self::Unexpected { .. })
+    }
+}
+
+/// One chunk as it arrived; the asker checks the index and decodes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkReply {
+    pub index: u64,
+    pub encoding: Encoding,
+    pub data: Vec<u8>,
+}
+
+/// Asks the server at the other end of `connection` for `image`'s manifest.
+pub async fn request_manifest(
+    connection: &PeerConnection,
+    image: &ImageVersionId,
+    deadline: Duration,
+) -> Result<Manifest, ImageRequestError> {
+    let request = PeerRequest::GetManifest {
+        image: image.clone(),
+    };
+    let answer = connection
+        .request(&protocol::encode(&request), deadline)
+        .await?;
+    match protocol::decode::<PeerResponse>(&answer)? {
+        PeerResponse::Manifest { manifest } => Ok(manifest),
+        PeerResponse::Refused { reason } => Err(ImageRequestError::Refused { reason }),
+        _ => Err(ImageRequestError::Unexpected { asked: "manifest" }),
+    }
+}
+
+/// Asks the server at the other end of `connection` for chunk `index` of
+/// `image`. The reply is as the peer sent it: unchecked.
+pub async fn request_chunk(
+    connection: &PeerConnection,
+    image: &ImageVersionId,
+    index: u64,
+    deadline: Duration,
+) -> Result<ChunkReply, ImageRequestError> {
+    let request = PeerRequest::GetChunk {
+        image: image.clone(),
+        index,
+    };
+    let answer = connection
+        .request(&protocol::encode(&request), deadline)
+        .await?;
+    match protocol::decode::<PeerResponse>(&answer)? {
+        PeerResponse::Chunk {
+            index,
+            encoding,
+            data,
+        } => Ok(ChunkReply {
+            index,
+            encoding,
+            data,
+        }),
+        PeerResponse::Refused { reason } => Err(ImageRequestError::Refused { reason }),
+        _ => Err(ImageRequestError::Unexpected { asked: "chunk" }),
+    }
 }
 
 /// Timings of the runtime.
@@ -151,29 +334,44 @@ fn drive_membership(
 /// Answers peers' requests and hands their datagrams to the membership.
 struct RequestHandler {
     access: Arc<dyn GridStateAccess>,
+    chunks: Arc<dyn ChunkSource>,
+    chunk_limits: Arc<ChunkLimits>,
     datagrams: mpsc::Sender<(ServerId, bytes::Bytes)>,
 }
 
 impl PeerHandler for RequestHandler {
     fn handle_request(&self, peer: PeerIdentity, request: Vec<u8>) -> BoxFuture<Vec<u8>> {
         let access = Arc::clone(&self.access);
+        let chunks = Arc::clone(&self.chunks);
+        let chunk_limits = Arc::clone(&self.chunk_limits);
         Box::pin(async move {
-            let response = match protocol::decode::<PeerRequest>(&request) {
+            let request = match protocol::decode::<PeerRequest>(&request) {
                 Err(error) => {
                     tracing::warn!(%peer, error = %error, "undecodable request dropped");
-                    PeerResponse::Refused {
+                    return protocol::encode(&PeerResponse::Refused {
                         reason: error.to_string(),
-                    }
+                    });
                 }
-                Ok(request) => {
-                    tokio::task::spawn_blocking(move || dispatch(access.as_ref(), peer, request))
-                        .await
-                        .unwrap_or_else(|error| PeerResponse::Refused {
-                            reason: format!("request failed: {error}"),
-                        })
-                }
+                Ok(request) => request,
             };
-            protocol::encode(&response)
+            // Held until the answer is encoded: a chunk's bytes are what
+            // the slots bound.
+            let _slot = match (&peer, &request) {
+                (PeerIdentity::Server(server), PeerRequest::GetChunk { .. }) => {
+                    Some(chunk_limits.acquire(*server).await)
+                }
+                _ => None,
+            };
+            // Encoded on the blocking pool too: a chunk is megabytes.
+            tokio::task::spawn_blocking(move || {
+                encode_answer(&dispatch(access.as_ref(), chunks.as_ref(), peer, request))
+            })
+            .await
+            .unwrap_or_else(|error| {
+                protocol::encode(&PeerResponse::Refused {
+                    reason: format!("request failed: {error}"),
+                })
+            })
         })
     }
 
@@ -185,8 +383,29 @@ impl PeerHandler for RequestHandler {
     }
 }
 
+/// `response` encoded, or a refusal when it is too large for one message
+/// (the transport would reset the stream and the asker learn nothing).
+fn encode_answer(response: &PeerResponse) -> Vec<u8> {
+    let bytes = protocol::encode(response);
+    if bytes.len() <= MAX_MESSAGE_BYTES {
+        return bytes;
+    }
+    tracing::warn!(
+        size = bytes.len(),
+        limit = MAX_MESSAGE_BYTES,
+        "answer too large for one message; refused instead"
+    );
+    protocol::encode(&PeerResponse::Refused {
+        reason: format!(
+            "the answer is {} bytes, over the {MAX_MESSAGE_BYTES}-byte message limit",
+            bytes.len()
+        ),
+    })
+}
+
 fn dispatch(
     access: &dyn GridStateAccess,
+    chunks: &dyn ChunkSource,
     peer: PeerIdentity,
     request: PeerRequest,
 ) -> PeerResponse {
@@ -228,6 +447,28 @@ fn dispatch(
         }
         (PeerIdentity::Server(_), PeerRequest::Join(_)) => {
             refused("this server is already a member".to_owned())
+        }
+        (PeerIdentity::Server(server), PeerRequest::GetManifest { image }) => {
+            match chunks.manifest(&image) {
+                Ok(manifest) => PeerResponse::Manifest { manifest },
+                Err(refusal) => {
+                    tracing::debug!(peer = %server, %image, reason = %crate::error_chain(&refusal), "manifest request refused");
+                    refused(crate::error_chain(&refusal))
+                }
+            }
+        }
+        (PeerIdentity::Server(server), PeerRequest::GetChunk { image, index }) => {
+            match chunks.read_chunk(server, &image, index) {
+                Ok((encoding, data)) => PeerResponse::Chunk {
+                    index,
+                    encoding,
+                    data,
+                },
+                Err(refusal) => {
+                    tracing::debug!(peer = %server, %image, index, reason = %crate::error_chain(&refusal), "chunk request refused");
+                    refused(crate::error_chain(&refusal))
+                }
+            }
         }
     }
 }
@@ -373,10 +614,16 @@ fn dialable(addresses: &[String]) -> Option<SocketAddr> {
 
 /// Runs until `shutdown` turns true. `advertised` is the address other
 /// servers dial (the membership tells it to them); `seeds` are the
-/// `HOST:PORT` addresses of `server.seeds`.
+/// `HOST:PORT` addresses of `server.seeds`; `chunks` answers peers'
+/// manifest and chunk requests.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the composition root hands each component over once, by name"
+)]
 pub async fn run(
     endpoint: Arc<PeerEndpoint>,
     access: Arc<dyn GridStateAccess>,
+    chunks: Arc<dyn ChunkSource>,
     mut changes: broadcast::Receiver<Delta>,
     settings: NodeSettings,
     advertised: SocketAddr,
@@ -387,6 +634,11 @@ pub async fn run(
     let (datagram_sender, mut datagrams) = mpsc::channel(DATAGRAM_QUEUE);
     let server = tokio::spawn(Arc::clone(&endpoint).serve(Arc::new(RequestHandler {
         access: Arc::clone(&access),
+        chunks,
+        chunk_limits: Arc::new(ChunkLimits::new(
+            CHUNK_REQUESTS_PER_PEER,
+            CHUNK_REQUESTS_TOTAL,
+        )),
         datagrams: datagram_sender,
     })));
     let interval_ms = u64::try_from(settings.anti_entropy_interval.as_millis()).unwrap_or(u64::MAX);
@@ -724,6 +976,163 @@ mod tests {
         seeds.on_outcome(1, Some(server(8)), now);
         assert_eq!(seeds.due(u64::MAX), [], "every seed answered");
         assert_eq!(seeds.address(1), "b:2");
+    }
+
+    #[tokio::test]
+    async fn chunk_requests_wait_for_a_slot_per_peer_and_in_total() {
+        let limits = ChunkLimits::new(2, 3);
+        let wait = Duration::from_millis(30);
+        let first = limits.acquire(server(1)).await;
+        let _second = limits.acquire(server(1)).await;
+        assert!(
+            tokio::time::timeout(wait, limits.acquire(server(1)))
+                .await
+                .is_err(),
+            "a third request of one peer waits"
+        );
+        let _other = limits.acquire(server(2)).await;
+        assert!(
+            tokio::time::timeout(wait, limits.acquire(server(3)))
+                .await
+                .is_err(),
+            "every shared slot is taken"
+        );
+        let waiting = tokio::spawn({
+            let limits = Arc::new(limits);
+            async move {
+                let _slot = limits.acquire(server(3)).await;
+            }
+        });
+        drop(first);
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("a freed slot goes to the waiting peer")
+            .unwrap();
+    }
+
+    #[derive(Debug, Default)]
+    struct Grid {
+        revoked: Vec<ServerId>,
+    }
+
+    impl GridStateAccess for Grid {
+        fn version_vector(&self) -> VersionVector {
+            VersionVector::new()
+        }
+        fn delta_since(&self, _since: &VersionVector) -> Delta {
+            Delta::default()
+        }
+        fn apply_remote(&self, _from: ServerId, _delta: &Delta) -> Result<usize, String> {
+            Ok(0)
+        }
+        fn admit_joiner(&self, _request: &JoinRequest) -> Result<JoinGrant, String> {
+            Err("no joins here".to_owned())
+        }
+        fn peers(&self) -> Vec<(ServerId, Vec<String>)> {
+            Vec::new()
+        }
+        fn revoked(&self) -> Vec<ServerId> {
+            self.revoked.clone()
+        }
+        fn report_members(&self, _members: BTreeMap<ServerId, MemberState>) {}
+    }
+
+    #[derive(Debug)]
+    struct Chunks;
+
+    impl ChunkSource for Chunks {
+        fn manifest(&self, image: &ImageVersionId) -> Result<Manifest, ChunkRefusal> {
+            Err(ChunkRefusal::NotHeld {
+                image: image.clone(),
+            })
+        }
+        fn read_chunk(
+            &self,
+            _peer: ServerId,
+            image: &ImageVersionId,
+            index: u64,
+        ) -> Result<(Encoding, Vec<u8>), ChunkRefusal> {
+            if index < 2 {
+                Ok((Encoding::Raw, vec![index as u8; 10]))
+            } else {
+                Err(ChunkRefusal::NoSuchChunk {
+                    image: image.clone(),
+                    index,
+                    chunks: 2,
+                })
+            }
+        }
+    }
+
+    #[test]
+    fn image_requests_reach_the_chunk_source_from_members_only() {
+        let image = ImageVersionId::new("office-v1").unwrap();
+        let grid = Grid {
+            revoked: vec![server(9)],
+        };
+        let ask = |peer, index| {
+            dispatch(
+                &grid,
+                &Chunks,
+                peer,
+                PeerRequest::GetChunk {
+                    image: image.clone(),
+                    index,
+                },
+            )
+        };
+        assert_eq!(
+            ask(PeerIdentity::Server(server(1)), 1),
+            PeerResponse::Chunk {
+                index: 1,
+                encoding: Encoding::Raw,
+                data: vec![1; 10]
+            }
+        );
+        let refusal = |response| match response {
+            PeerResponse::Refused { reason } => reason,
+            other => panic!("not refused: {other:?}"),
+        };
+        assert_eq!(
+            refusal(ask(PeerIdentity::Server(server(1)), 5)),
+            "image version office-v1 has no chunk 5 (it has 2)"
+        );
+        assert_eq!(
+            refusal(ask(PeerIdentity::Server(server(9)), 0)),
+            "this server was removed from the grid"
+        );
+        let joiner = PeerIdentity::Joiner {
+            remote: "127.0.0.1:9".parse().unwrap(),
+        };
+        assert_eq!(refusal(ask(joiner, 0)), "a join connection may only join");
+        let manifest = dispatch(
+            &grid,
+            &Chunks,
+            PeerIdentity::Server(server(1)),
+            PeerRequest::GetManifest {
+                image: image.clone(),
+            },
+        );
+        assert_eq!(
+            refusal(manifest),
+            "image version office-v1 is not held complete here"
+        );
+    }
+
+    #[test]
+    fn an_answer_too_large_for_one_message_becomes_a_refusal() {
+        let small = PeerResponse::Merged { changed: 1 };
+        assert_eq!(encode_answer(&small), protocol::encode(&small));
+        let huge = PeerResponse::Chunk {
+            index: 0,
+            encoding: Encoding::Raw,
+            data: vec![0; MAX_MESSAGE_BYTES],
+        };
+        let answer = protocol::decode::<PeerResponse>(&encode_answer(&huge)).unwrap();
+        assert!(
+            matches!(&answer, PeerResponse::Refused { reason } if reason.contains("message limit")),
+            "{answer:?}"
+        );
     }
 
     #[test]

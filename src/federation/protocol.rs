@@ -8,8 +8,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{GridId, ServerId, ServerRecord};
+use crate::model::{GridId, ImageVersionId, ServerId, ServerRecord};
 use crate::state::{Delta, VersionVector};
+use crate::transfer::{Encoding, Manifest};
 
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -31,6 +32,13 @@ pub enum PeerRequest {
     PullState { since: VersionVector },
     /// A new server asks to join (only on a join connection).
     Join(Box<JoinRequest>),
+    /// Send me the manifest of base image version `image`; answered with
+    /// [`PeerResponse::Manifest`] by a server that holds it complete.
+    GetManifest { image: ImageVersionId },
+    /// Send me data chunk `index` of `image`; answered with
+    /// [`PeerResponse::Chunk`] by a server that holds it complete. All-zero
+    /// chunks are never asked for (the manifest marks them).
+    GetChunk { image: ImageVersionId, index: u64 },
 }
 
 /// What a joining server sends once it has checked the grid's CA.
@@ -96,6 +104,20 @@ pub enum PeerResponse {
         vector: VersionVector,
     },
     Joined(Box<JoinGrant>),
+    /// The manifest asked for. The asker checks it against the root digest
+    /// the grid state gives before trusting any of it.
+    Manifest {
+        manifest: Manifest,
+    },
+    /// One chunk's bytes as they travel (zstd when that paid off). The
+    /// asker decodes within the chunk size and verifies the SHA-256 before
+    /// writing a byte of it.
+    Chunk {
+        index: u64,
+        encoding: Encoding,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
     /// Refused, with a reason for an operator.
     Refused {
         reason: String,
@@ -153,6 +175,40 @@ mod tests {
             since: VersionVector::new(),
         };
         assert_eq!(decode::<PeerRequest>(&encode(&request)), Ok(request));
+    }
+
+    #[test]
+    fn image_messages_round_trip_and_carry_chunks_as_byte_strings() {
+        let image = ImageVersionId::new("office-v1").unwrap();
+        for request in [
+            PeerRequest::GetManifest {
+                image: image.clone(),
+            },
+            PeerRequest::GetChunk { image, index: 7 },
+        ] {
+            assert_eq!(decode::<PeerRequest>(&encode(&request)), Ok(request));
+        }
+        let data = vec![0xa5u8; 100_000];
+        let chunk = PeerResponse::Chunk {
+            index: 7,
+            encoding: Encoding::Raw,
+            data: data.clone(),
+        };
+        let bytes = encode(&chunk);
+        // A CBOR array of small integers would take up to two bytes each.
+        assert!(bytes.len() < data.len() + 100, "{} bytes", bytes.len());
+        assert_eq!(decode::<PeerResponse>(&bytes), Ok(chunk));
+        let manifest = Manifest {
+            virtual_size: 3 << 16,
+            chunk_size: 1 << 16,
+            chunks: vec![
+                crate::transfer::ChunkEntry::Zero,
+                crate::transfer::ChunkEntry::Data([9; 32]),
+                crate::transfer::ChunkEntry::Zero,
+            ],
+        };
+        let answer = PeerResponse::Manifest { manifest };
+        assert_eq!(decode::<PeerResponse>(&encode(&answer)), Ok(answer));
     }
 
     #[test]

@@ -877,7 +877,10 @@ impl Simulation {
                     };
                     self.send(to, from, Payload::Response(Box::new(response)));
                 }
-                PeerRequest::Join(_) => {}
+                // Joins and image transfer are not simulated.
+                PeerRequest::Join(_)
+                | PeerRequest::GetManifest { .. }
+                | PeerRequest::GetChunk { .. } => {}
             },
             Payload::Response(response) => match *response {
                 PeerResponse::State { delta, vector } => {
@@ -898,7 +901,9 @@ impl Simulation {
                 }
                 PeerResponse::Merged { .. }
                 | PeerResponse::Refused { .. }
-                | PeerResponse::Joined(_) => {}
+                | PeerResponse::Joined(_)
+                | PeerResponse::Manifest { .. }
+                | PeerResponse::Chunk { .. } => {}
             },
         }
     }

@@ -1,6 +1,7 @@
 //! What the policy loop needs from the rest of the server, as narrow traits:
-//! the service layer implements [`PolicyHost`] (`service/policy_host.rs`),
-//! the transfer module will implement [`ImagePuller`]; tests use fakes.
+//! the service layer implements [`PolicyHost`] and [`ImagePuller`]
+//! (`service/policy_host.rs`, the latter over `transfer::pull_image`);
+//! tests use fakes.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -56,17 +57,18 @@ pub type PullFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send + '
 pub trait ImagePuller: Send + Sync + fmt::Debug + 'static {
     /// Fetches `image` into this host's pool as its base volume
     /// (`dg-base-<version>`); resolves once the volume is complete and
-    /// verified. Pulling an image that is already complete succeeds at once.
+    /// verified. Pulling an image that is already complete succeeds at once;
+    /// a pull that failed or was interrupted resumes where it stopped.
     /// The error is for people.
     fn pull(&self, image: &BaseImage) -> PullFuture;
 }
 
-/// The puller until the transfer module exists: every pull fails, and the
-/// loop reports the job as failing, with this reason, in the server's record.
+/// A puller for tests that need none: every pull fails, and the loop
+/// reports the job as failing, with this reason, in the server's record.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NoImageTransfer;
 
-/// What a pull fails with until the transfer module exists.
+/// What a pull through [`NoImageTransfer`] fails with.
 pub const NO_IMAGE_TRANSFER: &str = "image transfer is not available yet";
 
 impl ImagePuller for NoImageTransfer {

@@ -23,8 +23,14 @@
 //!
 //! The loop reaches the rest of the server through narrow traits:
 //! [`PolicyHost`] (the service layer: state, own record, settings) and
-//! [`ImagePuller`] (the transfer module, once it exists); the host itself is
-//! the actuator's [`crate::actuator::AsyncHypervisor`].
+//! [`ImagePuller`] (image transfer, wired by the service layer); the host
+//! itself is the actuator's [`crate::actuator::AsyncHypervisor`].
+//!
+//! A pull that fails once its volume exists, or is cut short by a restart,
+//! keeps its partial copy (volume, progress file, `Partial` record) and is
+//! resumed by the loop:
+//! the planner counts a partial copy as a holder and plans no pull for it,
+//! so the loop adds one itself while the plan does not drop the copy.
 
 mod host;
 mod jobs;

@@ -164,7 +164,8 @@ async fn pull_image(
         image: image.clone(),
     })?;
     // Shown as pulling while it runs, so every plan counts this server as
-    // a holder and nobody else starts a pull for the same need.
+    // a holder and nobody else starts a pull for the same need. A pull
+    // resumed after a failure or a restart keeps the progress it shows.
     let bytes_total = base.virtual_size;
     let marked = image.clone();
     update_record(&context.host, move |record| {
@@ -188,20 +189,42 @@ async fn pull_image(
             .await
         }
         Err(reason) => {
-            // No resumable transfer yet: a failed pull holds nothing, so the
-            // next plan sees the need again (and this job's back-off).
-            let abandoned = image.clone();
-            let cleared = update_record(&context.host, move |record| {
-                if matches!(
-                    record.images.get(&abandoned),
-                    Some(ImageHolding::Partial { .. })
-                ) {
-                    record.images.remove(&abandoned);
+            // A pull that left a base volume keeps it, its progress file and
+            // the `Partial` record: the loop resumes it after its back-off
+            // (`worker.rs`, `resume_pulls`), fetching only what is missing.
+            // One that left nothing (no holder answered, say) has nothing
+            // to resume: the record forgets it, so the next plan sees the
+            // need again.
+            let name = VolumeName::Base(image.clone());
+            let left = context
+                .hypervisor
+                .run(move |host| {
+                    Ok(host
+                        .list_volumes()?
+                        .iter()
+                        .any(|volume| volume.name == name))
+                })
+                .await;
+            match left {
+                Ok(true) => {}
+                Ok(false) => {
+                    let abandoned = image.clone();
+                    let cleared = update_record(&context.host, move |record| {
+                        if matches!(
+                            record.images.get(&abandoned),
+                            Some(ImageHolding::Partial { .. })
+                        ) {
+                            record.images.remove(&abandoned);
+                        }
+                    })
+                    .await;
+                    if let Err(error) = cleared {
+                        tracing::warn!(%image, error = %crate::error_chain(&error), "cannot clear a failed pull from the record");
+                    }
                 }
-            })
-            .await;
-            if let Err(error) = cleared {
-                tracing::warn!(%image, error = %crate::error_chain(&error), "cannot clear a failed pull from the record");
+                Err(error) => {
+                    tracing::warn!(%image, error = %crate::error_chain(&error), "cannot tell whether a failed pull left a volume; its record stays");
+                }
             }
             Err(PolicyError::Pull { image, reason })
         }

@@ -314,7 +314,61 @@ fn plan_round(
     }
     boots.set_limit(view.policy().max_concurrent_boots);
     let plan = planner(&view, seed);
-    Some(plan.steps_for(own).cloned().collect())
+    let mut steps: Vec<Step> = plan.steps_for(own).cloned().collect();
+    resume_pulls(snapshot, own, &mut steps);
+    Some(steps)
+}
+
+/// Adds a pull step for every image this server's record shows as
+/// `Partial` that the plan neither pulls nor drops: a pull that failed, or
+/// was cut short by a restart, is finished from where it stopped. The
+/// planner counts a partial copy as a holder, so it never plans that pull
+/// again by itself; the job table's back-off still paces the attempts.
+fn resume_pulls(snapshot: &PolicySnapshot, own: ServerId, steps: &mut Vec<Step>) {
+    let Some(record) = snapshot.state.server(own) else {
+        return;
+    };
+    for (image, holding) in &record.images {
+        if !matches!(holding, ImageHolding::Partial { .. }) {
+            continue;
+        }
+        let planned = steps.iter().any(|step| match &step.action {
+            Action::PullImage { image: pulled } | Action::DropImage { image: pulled } => {
+                pulled == image
+            }
+            _ => false,
+        });
+        let in_grid = matches!(
+            snapshot.state.config(&ConfigKey::Image(image.clone())),
+            Some(ConfigValue::Image(_))
+        );
+        if planned || !in_grid {
+            continue;
+        }
+        // The plan's own view of the copies: complete ones, and all it
+        // counts (this one included).
+        let (mut complete, mut counted) = (0u32, 0u32);
+        for (_, other) in snapshot.state.servers() {
+            match other.images.get(image) {
+                Some(ImageHolding::Complete) => {
+                    complete += 1;
+                    counted += 1;
+                }
+                Some(ImageHolding::Partial { .. }) => counted += 1,
+                None => {}
+            }
+        }
+        steps.push(Step {
+            target: own,
+            action: Action::PullImage {
+                image: image.clone(),
+            },
+            reason: placement::Reason::BelowMinReplicas {
+                holders: complete,
+                need: counted,
+            },
+        });
+    }
 }
 
 fn view_of(snapshot: &PolicySnapshot, own: ServerId) -> GridView<'_> {
@@ -380,8 +434,8 @@ async fn publish(
 }
 
 /// At start: what a previous run left half-done. VMs still provisioning
-/// were abandoned (marked failed, so the plan replaces them), partial
-/// images had no transfer to resume them (forgotten), and no job runs.
+/// were abandoned (marked failed, so the plan replaces them), no job runs,
+/// and partial images stay partial: their pulls resume ([`resume_pulls`]).
 async fn adopt_leftovers(host: &Arc<dyn PolicyHost>) {
     let adopted = steps::update_record(host, |record| {
         for vm in record.vms.values_mut() {
@@ -389,9 +443,6 @@ async fn adopt_leftovers(host: &Arc<dyn PolicyHost>) {
                 vm.state = VmState::Failed;
             }
         }
-        record
-            .images
-            .retain(|_, holding| *holding == ImageHolding::Complete);
         record.jobs.clear();
     })
     .await;

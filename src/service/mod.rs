@@ -8,6 +8,7 @@ pub mod accounts;
 pub mod grid;
 pub mod host_check;
 pub mod host_worker;
+pub mod images;
 pub mod plan;
 pub mod policy_host;
 pub mod setup;

@@ -1,9 +1,12 @@
 //! The policy loop on this server: the service as its [`PolicyHost`], the
-//! libvirt connection it acts through, and what wakes it when the state
-//! changes.
+//! libvirt connection it acts through, what wakes it when the state
+//! changes, and image transfer: the [`ChunkServer`] that answers peers and
+//! the [`ImagePuller`] that fetches from them ([`GridImagePuller`]).
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::num::NonZeroU64;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,9 +18,19 @@ use crate::actuator::libvirt::{LibvirtHypervisor, LibvirtOptions};
 use crate::actuator::{AsyncHypervisor, DomainKind, DomainSpec, Hypervisor};
 use crate::appliance::config::Config;
 use crate::federation::membership::MemberState;
-use crate::model::{DisplayProtocol, ServerId, ServerRecord, Template, VmId};
-use crate::policy::{NoImageTransfer, PolicyHost, PolicySnapshot, PolicyWaker, PolicyWorker};
-use crate::state::{Delta, VersionVector};
+use crate::federation::{ChunkSource, PeerEndpoint};
+use crate::model::{
+    BaseImage, DisplayProtocol, ImageHolding, ImageVersionId, ServerId, ServerRecord, Template,
+    VmId,
+};
+use crate::policy::{
+    ImagePuller, PolicyHost, PolicySnapshot, PolicyWaker, PolicyWorker, PullFuture,
+};
+use crate::state::{ConfigKey, ConfigValue, Delta, VersionVector};
+use crate::transfer::{
+    pull_image, ChunkPeer, ChunkServer, HeldImages, ImageOnServer, ManifestStore, ProgressCallback,
+    PullSettings, QuicChunkPeer,
+};
 
 /// How often the state is checked for changes that arrive without a local
 /// write (a peer's delta, the failure detector's news). Local writes wake
@@ -167,13 +180,197 @@ impl GridService {
     }
 }
 
+/// Image transfer on this server: the chunk server that answers peers
+/// (handed to the federation at start, given the host once the policy loop
+/// has connected to it) and what the puller needs.
+#[derive(Debug, Clone)]
+pub struct ImageTransfer {
+    chunk_server: Arc<ChunkServer>,
+    /// `None` for a standalone server: nobody to pull from.
+    endpoint: Option<Arc<PeerEndpoint>>,
+    /// `DATA_DIR/transfer`: manifests and progress files.
+    transfer_dir: PathBuf,
+}
+
+impl ImageTransfer {
+    /// `corrupt_every` is the test-only fault hook (see
+    /// [`ChunkServer::corrupt_every`]); `None` in production.
+    pub fn new(
+        service: Arc<Mutex<GridService>>,
+        transfer_dir: PathBuf,
+        endpoint: Option<Arc<PeerEndpoint>>,
+        corrupt_every: Option<NonZeroU64>,
+    ) -> Self {
+        let manifests = ManifestStore::new(transfer_dir.join("manifests"));
+        let chunk_server = ChunkServer::new(manifests, Arc::new(ServiceImages(service)))
+            .corrupt_every(corrupt_every);
+        Self {
+            chunk_server: Arc::new(chunk_server),
+            endpoint,
+            transfer_dir,
+        }
+    }
+
+    /// What the federation answers manifest and chunk requests with.
+    pub fn chunk_source(&self) -> Arc<dyn ChunkSource> {
+        Arc::clone(&self.chunk_server) as Arc<dyn ChunkSource>
+    }
+}
+
+/// The grid state as the chunk server reads it.
+#[derive(Debug)]
+struct ServiceImages(Arc<Mutex<GridService>>);
+
+impl HeldImages for ServiceImages {
+    fn image_on_server(&self, image: &ImageVersionId) -> ImageOnServer {
+        let service = lock(&self.0);
+        let Some(ConfigValue::Image(base)) = service.state.config(&ConfigKey::Image(image.clone()))
+        else {
+            return ImageOnServer::NotInGrid;
+        };
+        let Some(digest) = base.digest else {
+            return ImageOnServer::NoDigest;
+        };
+        let held = service
+            .state
+            .server(service.server_id())
+            .and_then(|record| record.images.get(image));
+        if held == Some(&ImageHolding::Complete) {
+            ImageOnServer::HeldComplete { digest }
+        } else {
+            ImageOnServer::NotHeldComplete
+        }
+    }
+}
+
+/// The real [`ImagePuller`]: fetches a version from every server that holds
+/// it complete (through the federation's endpoint) into this host's pool,
+/// and shows the bytes done in this server's record as it goes.
+#[derive(Debug, Clone)]
+pub struct GridImagePuller {
+    service: Arc<Mutex<GridService>>,
+    endpoint: Option<Arc<PeerEndpoint>>,
+    host: Arc<dyn Hypervisor>,
+    transfer_dir: PathBuf,
+    settings: PullSettings,
+}
+
+impl GridImagePuller {
+    pub fn new(
+        service: Arc<Mutex<GridService>>,
+        transfer: &ImageTransfer,
+        host: Arc<dyn Hypervisor>,
+    ) -> Self {
+        Self {
+            service,
+            endpoint: transfer.endpoint.clone(),
+            host,
+            transfer_dir: transfer.transfer_dir.clone(),
+            settings: PullSettings::default(),
+        }
+    }
+}
+
+impl ImagePuller for GridImagePuller {
+    fn pull(&self, image: &BaseImage) -> PullFuture {
+        let puller = self.clone();
+        let image = image.clone();
+        Box::pin(async move {
+            let Some(endpoint) = puller.endpoint.clone() else {
+                return Err(
+                    "this server is in no grid: there is nobody to pull images from".to_owned(),
+                );
+            };
+            let reading = Arc::clone(&puller.service);
+            let id = image.id.clone();
+            let holders =
+                tokio::task::spawn_blocking(move || complete_holders(&lock(&reading), &id))
+                    .await
+                    .map_err(|error| format!("cannot read the grid state: {error}"))?;
+            let sources: Vec<Arc<dyn ChunkPeer>> = holders
+                .into_iter()
+                .map(|(server, address)| {
+                    Arc::new(QuicChunkPeer::new(
+                        Arc::clone(&endpoint),
+                        server,
+                        address,
+                        puller.settings.request_deadline,
+                    )) as Arc<dyn ChunkPeer>
+                })
+                .collect();
+            let recording = Arc::clone(&puller.service);
+            let id = image.id.clone();
+            let on_progress: ProgressCallback = Arc::new(move |progress| {
+                // Only a pull the record shows is updated: a copy dropped
+                // meanwhile is not brought back.
+                let updated = lock(&recording).update_own_record(&mut |record| {
+                    if let Some(holding @ ImageHolding::Partial { .. }) = record.images.get_mut(&id)
+                    {
+                        *holding = ImageHolding::Partial {
+                            bytes_done: progress.bytes_done,
+                            bytes_total: progress.bytes_total,
+                        };
+                    }
+                });
+                if let Err(error) = updated {
+                    tracing::debug!(image = %id, error = %crate::error_chain(&error), "cannot record pull progress");
+                }
+            });
+            pull_image(
+                &image,
+                sources,
+                Arc::clone(&puller.host),
+                &puller.transfer_dir,
+                &puller.settings,
+                on_progress,
+            )
+            .await
+            .map(|_| ())
+            .map_err(|error| crate::error_chain(&error))
+        })
+    }
+}
+
+/// The other servers that hold `image` complete, with the address to dial:
+/// removed servers and servers the failure detector declared missing are
+/// left out, those it has not heard of yet are tried (as the federation
+/// does), alive ones first.
+fn complete_holders(service: &GridService, image: &ImageVersionId) -> Vec<(ServerId, SocketAddr)> {
+    let own = service.server_id();
+    let revoked = service.revoked_servers();
+    let mut holders: Vec<(bool, ServerId, SocketAddr)> = service
+        .state
+        .servers()
+        .filter(|(server, _)| *server != own && !revoked.contains(server))
+        .filter(|(_, record)| record.images.get(image) == Some(&ImageHolding::Complete))
+        .filter_map(|(server, record)| {
+            let state = service.member_states.get(&server);
+            if state == Some(&MemberState::Down) {
+                return None;
+            }
+            let address = record
+                .addresses
+                .iter()
+                .filter_map(|address| address.parse::<SocketAddr>().ok())
+                .find(|address| !address.ip().is_unspecified() && address.port() != 0)?;
+            Some((state != Some(&MemberState::Alive), server, address))
+        })
+        .collect();
+    holders.sort();
+    holders
+        .into_iter()
+        .map(|(_, server, address)| (server, address))
+        .collect()
+}
+
 /// Runs the policy loop until `shutdown` turns true: connects to libvirt
-/// (retrying with backoff while it is away), then plans and acts. Images
-/// cannot be pulled yet ([`NoImageTransfer`]): such jobs fail, and say why,
-/// in this server's record.
+/// (retrying with backoff while it is away), hands the host to the chunk
+/// server, then plans and acts, pulling images through a
+/// [`GridImagePuller`].
 pub async fn run(
     config: Config,
     service: Arc<Mutex<GridService>>,
+    transfer: ImageTransfer,
     shutdown: watch::Receiver<bool>,
 ) {
     let options = config.libvirt.libvirt_options();
@@ -181,17 +378,16 @@ pub async fn run(
         return;
     };
     let domains = DomainSettings::from_config(&config, host.domain_kind());
+    let host: Arc<dyn Hypervisor> = Arc::new(host);
+    transfer.chunk_server.attach_host(Arc::clone(&host));
     let (local_changes, plan_now) = {
         let service = lock(&service);
         (service.subscribe_changes(), service.policy_wake_handle())
     };
     let policy_host = Arc::new(ServicePolicyHost::new(Arc::clone(&service), domains));
-    let worker = PolicyWorker::new(
-        policy_host,
-        AsyncHypervisor::new(Arc::new(host)),
-        Arc::new(NoImageTransfer),
-    )
-    .with_plan_now(plan_now);
+    let puller = GridImagePuller::new(Arc::clone(&service), &transfer, Arc::clone(&host));
+    let worker = PolicyWorker::new(policy_host, AsyncHypervisor::new(host), Arc::new(puller))
+        .with_plan_now(plan_now);
     let watcher = tokio::spawn(wake_on_changes(
         service,
         local_changes,

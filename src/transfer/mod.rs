@@ -5,10 +5,28 @@
 //!   the root digest that names it (pure).
 //! - `codec`: chunks on the wire, zstd when that pays (pure).
 //! - `manifest_store`: manifests on disk, verified when read back.
+//! - `serve`: a holder answers manifest and chunk requests from its pool
+//!   (the federation's [`crate::federation::ChunkSource`]).
+//! - `schedule`: which chunk each source fetches next (pure).
+//! - `progress`: the resume file, a bitmap of the chunks written.
+//! - `pull`: fetches a version from every complete holder at once,
+//!   verifies each chunk, writes it at its offset, resumes after a restart.
 
 pub mod codec;
 pub mod manifest;
 pub mod manifest_store;
+pub mod progress;
+pub mod pull;
+pub mod schedule;
+pub mod serve;
+#[cfg(test)]
+mod test_pool;
 
+pub use codec::Encoding;
 pub use manifest::{ChunkEntry, Manifest, ManifestBuilder, ManifestError};
 pub use manifest_store::{ManifestStore, ManifestStoreError};
+pub use pull::{
+    pull_image, ChunkPeer, ProgressCallback, PullError, PullProgress, PullReport, PullSettings,
+    QuicChunkPeer, SourceReport,
+};
+pub use serve::{ChunkServer, HeldImages, ImageOnServer};

@@ -170,3 +170,48 @@ pub fn join_grid(data_dir: &Path, name: &str, seed: &str, token: &str) -> String
     assert!(output.status.success(), "join: {}", stderr(&output));
     address
 }
+
+/// `deskgrid init --new-grid` in `data_dir` on a free loopback port, on a
+/// real libvirt (`uri`) with the test's own storage pool `pool` in
+/// `pool_path` (created when the server or an import first needs it);
+/// returns the address peers reach it on.
+pub fn init_new_grid_with_pool(
+    data_dir: &Path,
+    name: &str,
+    uri: &str,
+    pool: &str,
+    pool_path: &Path,
+) -> String {
+    let address = format!("127.0.0.1:{}", free_udp_port());
+    let password = data_dir.with_extension("admin-password");
+    std::fs::write(&password, "correct horse battery staple\n").unwrap();
+    let password = password.display().to_string();
+    let pool_path = pool_path.display().to_string();
+    let output = deskgrid(
+        data_dir,
+        &[
+            "init",
+            "--new-grid",
+            "--admin-password-file",
+            &password,
+            "--name",
+            name,
+            "--listen",
+            &address,
+            "--libvirt",
+            uri,
+            "--pool",
+            pool,
+            "--pool-path",
+            &pool_path,
+            "--domain-type",
+            "qemu",
+        ],
+    );
+    assert!(
+        output.status.success(),
+        "init --new-grid: {}",
+        stderr(&output)
+    );
+    address
+}
