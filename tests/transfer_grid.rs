@@ -626,9 +626,39 @@ fn pulls_from_every_holder_resume_after_sigkill_and_refetch_corrupt_chunks() {
     });
     let c_started = Instant::now();
     a.run(&strings(&["template", "set", "office", "--replicas", "3"]));
+    // Every admin sees the pull in progress: A's status shows C's transfer.
+    let mut seen_transfer: Option<Value> = None;
     wait_until("C holds the image complete", PULL_TIMEOUT, || {
-        c.sees("c").1 == 1
+        let status = a.status();
+        let Some(server) = status["servers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|server| server["name"] == "c")
+            .cloned()
+        else {
+            return false;
+        };
+        if seen_transfer.is_none() {
+            seen_transfer = server["transfers"].get(IMAGE).cloned();
+        }
+        server["images_complete"] == 1
     });
+    let transfer = seen_transfer.expect("A's status never showed C's pull in progress");
+    let mut transfer_sources: Vec<&str> = transfer["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|name| name.as_str().unwrap())
+        .collect();
+    transfer_sources.sort_unstable();
+    assert_eq!(transfer_sources, ["a", "b"], "{transfer:#}");
+    assert_eq!(transfer["bytes_total"], manifest.data_bytes());
+    assert!(c.status()["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|server| server["transfers"].as_object().unwrap().is_empty()));
     eprintln!(
         "C complete {:.1} s after --replicas 3",
         c_started.elapsed().as_secs_f64()

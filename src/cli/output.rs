@@ -194,6 +194,18 @@ impl Output {
                     );
                 }
                 for server in &status.servers {
+                    for (image, transfer) in &server.transfers {
+                        println!(
+                            "pulling {image} on {}: {}% of {} MiB at {} MB/s from {}",
+                            server.name,
+                            (transfer.bytes_done * 100)
+                                .checked_div(transfer.bytes_total)
+                                .unwrap_or(100),
+                            transfer.bytes_total >> 20,
+                            transfer.rate_bytes_per_s / 1_000_000,
+                            transfer.sources.join(", ")
+                        );
+                    }
                     for job in &server.jobs {
                         println!(
                             "job on {}: {} [{:?}, {} attempt(s)]{}",

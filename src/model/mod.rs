@@ -18,8 +18,8 @@ pub use image::{BaseImage, ImageDigest, ImageState};
 pub use names::{GroupName, ImageVersionId, Name, SiteLabel, TemplateName, UserName};
 pub use policy::Policy;
 pub use server::{
-    HostCapacity, ImageHolding, JobRecord, JobState, ServerRecord, SessionRecord, VmRecord,
-    VmState, MAX_JOBS_PER_SERVER,
+    HostCapacity, ImageHolding, JobRecord, JobState, ServerRecord, SessionRecord, TransferRecord,
+    VmRecord, VmState, MAX_JOBS_PER_SERVER,
 };
 pub use template::{
     DisplayProtocol, Template, TemplateKind, DEFAULT_MIN_REPLICAS, MAX_DESIRED_VMS,

@@ -77,6 +77,21 @@ pub struct SessionRecord {
     pub started_at_ms: u64,
 }
 
+/// An image version this server is pulling now, for every admin to see.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferRecord {
+    /// Bytes of data chunks in place, of all there are.
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    /// Average rate of this pull so far.
+    pub rate_bytes_per_s: u64,
+    /// Names of the servers it pulls from.
+    pub sources: Vec<String>,
+    pub started_at_ms: u64,
+}
+
+pub const MAX_TRANSFER_SOURCES: usize = 64;
+
 /// Where one of this server's policy jobs is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -122,6 +137,9 @@ pub struct ServerRecord {
     /// Policy jobs in progress or failing, by key.
     #[serde(default)]
     pub jobs: Vec<JobRecord>,
+    /// Image pulls in progress.
+    #[serde(default)]
+    pub transfers: BTreeMap<ImageVersionId, TransferRecord>,
     /// Unix milliseconds of the writer's clock at the last update.
     pub updated_at_ms: u64,
 }
@@ -139,6 +157,7 @@ impl ServerRecord {
             vms: BTreeMap::new(),
             sessions: BTreeMap::new(),
             jobs: Vec::new(),
+            transfers: BTreeMap::new(),
             updated_at_ms: now_ms,
         }
     }
@@ -154,6 +173,23 @@ impl ServerRecord {
         check_count("vms", self.vms.len(), MAX_VMS_PER_SERVER)?;
         check_count("sessions", self.sessions.len(), MAX_SESSIONS_PER_SERVER)?;
         check_count("jobs", self.jobs.len(), MAX_JOBS_PER_SERVER)?;
+        check_count("transfers", self.transfers.len(), MAX_IMAGES_PER_SERVER)?;
+        for transfer in self.transfers.values() {
+            check_range(
+                "transfer bytes_done",
+                transfer.bytes_done,
+                0,
+                transfer.bytes_total,
+            )?;
+            check_count(
+                "transfer sources",
+                transfer.sources.len(),
+                MAX_TRANSFER_SOURCES,
+            )?;
+            for source in &transfer.sources {
+                check_text("transfer source", source, 253)?;
+            }
+        }
         for job in &self.jobs {
             check_text("job key", &job.key, MAX_JOB_TEXT_LEN)?;
             check_text("job summary", &job.summary, MAX_JOB_TEXT_LEN)?;

@@ -88,6 +88,10 @@ pub struct ServerSummary {
     /// Its policy jobs in progress or failing, as its record says.
     #[serde(default)]
     pub jobs: Vec<crate::model::JobRecord>,
+    /// Its image pulls in progress (version, bytes, rate, sources).
+    #[serde(default)]
+    pub transfers:
+        std::collections::BTreeMap<crate::model::ImageVersionId, crate::model::TransferRecord>,
 }
 
 /// The grid state as this server holds it.
@@ -274,6 +278,7 @@ impl GridService {
                         })
                         .count(),
                     jobs: record.jobs.clone(),
+                    transfers: record.transfers.clone(),
                 })
                 .collect(),
             state: self.summary(),

@@ -21,7 +21,7 @@ use crate::federation::membership::MemberState;
 use crate::federation::{ChunkSource, PeerEndpoint};
 use crate::model::{
     BaseImage, DisplayProtocol, ImageHolding, ImageVersionId, ServerId, ServerRecord, Template,
-    VmId,
+    TransferRecord, VmId,
 };
 use crate::policy::{
     ImagePuller, PolicyHost, PolicySnapshot, PolicyWaker, PolicyWorker, PullFuture,
@@ -300,7 +300,35 @@ impl ImagePuller for GridImagePuller {
                 .collect();
             let recording = Arc::clone(&puller.service);
             let id = image.id.clone();
+            let source_names = {
+                let service = lock(&puller.service);
+                sources
+                    .iter()
+                    .map(|source| {
+                        let server = source.server();
+                        service
+                            .state
+                            .server(server)
+                            .map_or_else(|| server.to_string(), |record| record.name.clone())
+                    })
+                    .collect::<Vec<_>>()
+            };
+            let started = std::time::Instant::now();
+            let started_at_ms = now_ms();
+            let first_done = std::sync::Mutex::new(None::<u64>);
             let on_progress: ProgressCallback = Arc::new(move |progress| {
+                // The rate of this run of the pull (a resumed pull starts
+                // from what it already had).
+                let first = *first_done
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .get_or_insert(progress.bytes_done);
+                let seconds = started.elapsed().as_secs_f64();
+                let rate = if seconds > 0.0 {
+                    (progress.bytes_done.saturating_sub(first) as f64 / seconds) as u64
+                } else {
+                    0
+                };
                 // Only a pull the record shows is updated: a copy dropped
                 // meanwhile is not brought back.
                 let updated = lock(&recording).update_own_record(&mut |record| {
@@ -310,13 +338,23 @@ impl ImagePuller for GridImagePuller {
                             bytes_done: progress.bytes_done,
                             bytes_total: progress.bytes_total,
                         };
+                        record.transfers.insert(
+                            id.clone(),
+                            TransferRecord {
+                                bytes_done: progress.bytes_done,
+                                bytes_total: progress.bytes_total,
+                                rate_bytes_per_s: rate,
+                                sources: source_names.clone(),
+                                started_at_ms,
+                            },
+                        );
                     }
                 });
                 if let Err(error) = updated {
                     tracing::debug!(image = %id, error = %crate::error_chain(&error), "cannot record pull progress");
                 }
             });
-            pull_image(
+            let result = pull_image(
                 &image,
                 sources,
                 Arc::clone(&puller.host),
@@ -324,9 +362,22 @@ impl ImagePuller for GridImagePuller {
                 &puller.settings,
                 on_progress,
             )
-            .await
-            .map(|_| ())
-            .map_err(|error| crate::error_chain(&error))
+            .await;
+            // Done or stopped: no longer a transfer in progress.
+            let clearing = Arc::clone(&puller.service);
+            let id = image.id.clone();
+            let cleared = tokio::task::spawn_blocking(move || {
+                lock(&clearing).update_own_record(&mut |record| {
+                    record.transfers.remove(&id);
+                })
+            })
+            .await;
+            if let Ok(Err(error)) = cleared {
+                tracing::debug!(image = %image.id, error = %crate::error_chain(&error), "cannot clear the transfer record");
+            }
+            result
+                .map(|_| ())
+                .map_err(|error| crate::error_chain(&error))
         })
     }
 }
