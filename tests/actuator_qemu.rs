@@ -13,6 +13,13 @@
 //! calls work on a real host. A host without libvirtd fails the test (run
 //! `bash scripts/setup-host.sh`); it never skips.
 //!
+//! A second, fast test writes chunks into a raw base volume of the `dir`
+//! pool from several threads at once: on this host deskgrid writes the
+//! volume's file itself, where libvirt's upload streams would refuse all but
+//! one writer ("volume ... is still in use"). It also times the same writes
+//! through streams; `DESKGRID_TEST_CHUNKS` sets how many 4 MiB chunks (16 by
+//! default, to stay fast; 256 gives a 1 GiB measurement).
+//!
 //! Whatever happens, [`Cleanup`] removes the test's domains, volumes, pool and
 //! directories, so a failed run leaves the host as it found it.
 
@@ -230,6 +237,137 @@ fn three_linked_clones_boot_and_answer_on_their_own_channels() {
     drop(cleanup);
     assert!(!dir_path.exists());
     eprintln!("total: {:.1} s", test_started.elapsed().as_secs_f64());
+}
+
+/// Chunks written in [`concurrent_writes_reach_the_volume_file`]: the size
+/// the transfer pull uses.
+const CHUNK_LEN: usize = 4 * MIB as usize;
+/// Chunks written there unless `DESKGRID_TEST_CHUNKS` says otherwise: 64 MiB,
+/// written twice, takes well under a second.
+const DEFAULT_TEST_CHUNKS: usize = 16;
+/// Threads writing at once on the direct path.
+const N_WRITERS: usize = 4;
+
+#[test]
+fn concurrent_writes_reach_the_volume_file() {
+    let suffix = format!("{:08x}", rand::random::<u32>());
+    let dir = tempfile::Builder::new()
+        .prefix("deskgrid-actuator-direct-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let pool_path = dir.path().join("pool");
+    let cleanup = Cleanup {
+        pool: format!("dg-test-{suffix}"),
+        vms: Vec::new(),
+        dir: Some(dir),
+    };
+    let host = connect(&cleanup.pool, &pool_path);
+    host.ensure_pool().unwrap();
+    let streams_only = connect(&cleanup.pool, &pool_path).with_streams_only();
+
+    let n_chunks = std::env::var("DESKGRID_TEST_CHUNKS")
+        .map_or(DEFAULT_TEST_CHUNKS, |value| value.parse().unwrap());
+    let capacity = (n_chunks * CHUNK_LEN) as u64;
+    let chunks: Vec<Vec<u8>> = (0..n_chunks)
+        .map(|index| pattern(index as u8, CHUNK_LEN))
+        .collect();
+
+    // The stream path, one write at a time as it must, then the file from
+    // one writer and from several at once (libvirt would refuse all but one
+    // of their uploads), each into a volume of its own. Writers take every
+    // n-th chunk in order, as the pull roughly does.
+    let runs = [
+        ("streams", &streams_only, 1),
+        ("file", &host, 1),
+        ("file", &host, N_WRITERS),
+    ];
+    let mut volumes = Vec::new();
+    let mut timings = Vec::new();
+    for (index, (path, writing_host, n_writers)) in runs.into_iter().enumerate() {
+        let volume = base_volume(&host, &format!("{path}-{index}"), capacity);
+        let started = Instant::now();
+        thread::scope(|scope| {
+            for writer in 0..n_writers {
+                let (chunks, name) = (&chunks, &volume.name);
+                scope.spawn(move || {
+                    for index in (writer..n_chunks).step_by(n_writers) {
+                        writing_host
+                            .write_volume_at(name, (index * CHUNK_LEN) as u64, &chunks[index])
+                            .unwrap();
+                    }
+                });
+            }
+        });
+        let write_seconds = started.elapsed().as_secs_f64();
+        // Also before the next run's clock starts, which would otherwise
+        // wait for this run's dirty pages. `host` syncs the file: the stream
+        // path has no sync of its own.
+        let started = Instant::now();
+        host.sync_volume(&volume.name).unwrap();
+        timings.push(format!(
+            "{path} with {n_writers} writer(s): {write_seconds:.3} s + {:.3} s sync",
+            started.elapsed().as_secs_f64()
+        ));
+        volumes.push(volume);
+    }
+    eprintln!(
+        "{n_chunks} chunks of {CHUNK_LEN} bytes: {}",
+        timings.join("; ")
+    );
+
+    for volume in &volumes {
+        // Every run gives the same volume, read back and in the file.
+        for (index, data) in chunks.iter().enumerate() {
+            let read = host
+                .read_volume_at(&volume.name, (index * CHUNK_LEN) as u64, CHUNK_LEN as u64)
+                .unwrap();
+            assert!(read == *data, "{}: chunk {index} differs", volume.name);
+        }
+        let mut file = File::open(&volume.path).unwrap();
+        assert_eq!(file.metadata().unwrap().len(), capacity);
+        let mut read = vec![0u8; CHUNK_LEN];
+        for (index, data) in chunks.iter().enumerate() {
+            file.read_exact(&mut read).unwrap();
+            assert!(
+                read == *data,
+                "{}: chunk {index} differs in the file",
+                volume.name
+            );
+        }
+        // The stream path reads the file's bytes too.
+        let tail = streams_only
+            .read_volume_at(&volume.name, capacity - 100, 100)
+            .unwrap();
+        assert_eq!(tail[..], chunks[n_chunks - 1][CHUNK_LEN - 100..]);
+        assert!(matches!(
+            host.write_volume_at(&volume.name, capacity - 10, &[0; 11]),
+            Err(ActuatorError::OutOfBounds { .. })
+        ));
+        assert!(matches!(
+            host.read_volume_at(&volume.name, capacity - 10, 11),
+            Err(ActuatorError::OutOfBounds { .. })
+        ));
+        assert!(matches!(
+            host.write_volume_at(&volume.name, u64::MAX, &[0]),
+            Err(ActuatorError::OutOfBounds { .. })
+        ));
+        host.delete_volume(&volume.name).unwrap();
+    }
+    drop(cleanup);
+}
+
+/// An empty raw base volume of `capacity` bytes named after `image`.
+fn base_volume(
+    host: &dyn Hypervisor,
+    image: &str,
+    capacity: u64,
+) -> deskgrid::actuator::VolumeInfo {
+    host.create_base_volume(
+        &ImageVersionId::new(image).unwrap(),
+        capacity,
+        VolumeFormat::Raw,
+    )
+    .unwrap()
 }
 
 /// A libvirt on `qemu:///system` with the test's own pool, or a failure that

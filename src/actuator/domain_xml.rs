@@ -717,6 +717,21 @@ pub fn parse_pool_path(pool_xml: &str) -> Result<String, XmlError> {
         })
 }
 
+/// The type of a storage pool (`dir`, `logical`, ...), from its XML.
+pub fn parse_pool_type(pool_xml: &str) -> Result<String, XmlError> {
+    let document = parse_document(pool_xml)?;
+    let root = document.root_element();
+    if !is_plain(root, "pool") {
+        return Err(unexpected_root(root, "<pool>"));
+    }
+    root.attribute("type")
+        .map(str::to_owned)
+        .ok_or(XmlError::MissingAttribute {
+            element: "pool",
+            attribute: "type",
+        })
+}
+
 /// An empty base image volume of `capacity_bytes`, allocated sparsely.
 pub fn render_base_volume_xml(name: &str, capacity_bytes: u64, format: VolumeFormat) -> String {
     let mut xml = XmlWriter::new();
@@ -1848,6 +1863,11 @@ mod tests {
             parse_pool_path(LIBVIRT_POOL).unwrap(),
             "/var/lib/deskgrid/pool"
         );
+        assert_eq!(parse_pool_type(LIBVIRT_POOL).unwrap(), "dir");
+        assert!(matches!(
+            parse_pool_type("<pool><name>p</name></pool>"),
+            Err(XmlError::MissingAttribute { .. })
+        ));
         assert_eq!(
             parse_volume_format(LIBVIRT_OVERLAY_VOLUME).unwrap(),
             VolumeFormat::Qcow2

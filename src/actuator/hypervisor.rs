@@ -127,6 +127,13 @@ pub enum ActuatorError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{operation} of volume file {path} failed")]
+    VolumeFile {
+        operation: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the host call was cancelled")]
     Cancelled,
 }
@@ -183,6 +190,18 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
         offset: u64,
         data: &[u8],
     ) -> Result<(), ActuatorError>;
+
+    /// Makes the bytes [`write_volume_at`](Self::write_volume_at) wrote to
+    /// the volume durable: call it before recording them as written.
+    ///
+    /// The default does nothing, which is right for a host whose writes are
+    /// durable when they return (the fake) and for one that offers no way to
+    /// sync (libvirt streams); a host that writes through a page cache must
+    /// override it, and a wrapper must forward it.
+    fn sync_volume(&self, name: &VolumeName) -> Result<(), ActuatorError> {
+        let _ = name;
+        Ok(())
+    }
 
     /// A qcow2 overlay for `vm` whose backing store is the base image.
     fn create_linked_clone(

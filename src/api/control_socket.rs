@@ -75,6 +75,10 @@ pub enum ControlCommand {
         version: ImageVersionId,
         digest: ImageDigest,
         virtual_size: u64,
+        /// The version a published difference disk derives from; it must
+        /// be in the grid.
+        #[serde(default)]
+        parent: Option<ImageVersionId>,
     },
     ListImages,
 }
@@ -339,6 +343,7 @@ fn execute(
             version,
             digest,
             virtual_size,
+            parent,
         } => {
             let Some(data_dir) = data_dir else {
                 return ControlResponse::Error(
@@ -346,7 +351,8 @@ fn execute(
                         .to_owned(),
                 );
             };
-            match service.register_image(data_dir, &version, &digest, virtual_size) {
+            match service.register_image(data_dir, &version, &digest, virtual_size, parent.as_ref())
+            {
                 Ok(summary) => ControlResponse::Ok(ControlReply::ImageRegistered(summary)),
                 Err(error) => ControlResponse::Error(crate::error_chain(&error)),
             }

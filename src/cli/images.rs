@@ -40,6 +40,15 @@ pub enum ImageCommand {
     /// and removes what it made.
     Import(ImportArgs),
 
+    /// Publish a qcow2 overlay as a new version derived from PARENT: the
+    /// overlay holds the guest's writes of a maintenance VM booted on an
+    /// overlay of PARENT. This server must hold PARENT complete. The
+    /// overlay is flattened onto PARENT into the new version's raw volume
+    /// (its manifest computed on the way) and kept zstd-compressed, so
+    /// servers holding PARENT fetch only the overlay and rebuild the
+    /// version. Run it on the server's host, with the server running.
+    PublishDiff(PublishDiffArgs),
+
     /// List the grid's base image versions: state, virtual size, digest,
     /// parent, and the servers that hold each complete or are pulling it.
     List,
@@ -57,11 +66,27 @@ pub struct ImportArgs {
     pub name: ImageVersionId,
 }
 
+#[derive(Debug, Args)]
+pub struct PublishDiffArgs {
+    /// The qcow2 overlay whose backing image is PARENT.
+    #[arg(value_name = "OVERLAY")]
+    pub overlay: PathBuf,
+
+    /// The version the overlay was made on.
+    #[arg(long, value_name = "VERSION")]
+    pub parent: ImageVersionId,
+
+    /// The new version's name.
+    #[arg(long, value_name = "VERSION")]
+    pub name: ImageVersionId,
+}
+
 /// Runs a `deskgrid image` command.
 pub fn run(data_dir: &DataDir, command: ImageCommand, output: &Output) -> anyhow::Result<ExitCode> {
     data_dir.require_initialised()?;
     match command {
         ImageCommand::Import(args) => import(data_dir, &args, output),
+        ImageCommand::PublishDiff(args) => publish_diff(data_dir, &args, output),
         ImageCommand::List => {
             let images = ServerImages { data_dir }
                 .images()
@@ -89,6 +114,31 @@ fn import(data_dir: &DataDir, args: &ImportArgs, output: &Output) -> anyhow::Res
     bar.finish();
     let report = imported.with_context(|| format!("cannot import {}", args.file.display()))?;
     output.image_imported(&report);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn publish_diff(
+    data_dir: &DataDir,
+    args: &PublishDiffArgs,
+    output: &Output,
+) -> anyhow::Result<ExitCode> {
+    let config = Config::load(&data_dir.config_file())?;
+    let cancel = Arc::new(AtomicBool::new(false));
+    cancel_on_stop_signals(Arc::clone(&cancel))?;
+    let mut bar = ImportBar::new(output.is_text() && std::io::stderr().is_terminal());
+    let published = crate::service::images::diffs::publish_diff(
+        data_dir,
+        &config,
+        &args.overlay,
+        &args.parent,
+        &args.name,
+        &ServerImages { data_dir },
+        &mut |progress| bar.show(progress),
+        &cancel,
+    );
+    bar.finish();
+    let report = published.with_context(|| format!("cannot publish {}", args.overlay.display()))?;
+    output.diff_published(&report);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -121,11 +171,13 @@ impl ImageRegistry for ServerImages<'_> {
         version: &ImageVersionId,
         digest: &ImageDigest,
         virtual_size: u64,
+        parent: Option<&ImageVersionId>,
     ) -> Result<ImageSummary, RegistryError> {
         match self.call(ControlCommand::RegisterImage {
             version: version.clone(),
             digest: *digest,
             virtual_size,
+            parent: parent.cloned(),
         })? {
             ControlReply::ImageRegistered(summary) => Ok(summary),
             other => Err(format!("unexpected answer from the server: {other:?}").into()),
@@ -252,5 +304,35 @@ mod tests {
             Cli::try_parse_from(["deskgrid", "image", "import", "d", "--name", "bad name"])
                 .is_err()
         );
+    }
+
+    #[test]
+    fn publish_diff_takes_an_overlay_a_parent_and_a_name() {
+        let cli = Cli::try_parse_from([
+            "deskgrid",
+            "image",
+            "publish-diff",
+            "update.qcow2",
+            "--parent",
+            "office-v1",
+            "--name",
+            "office-v2",
+        ])
+        .unwrap_or_else(|error| panic!("{error}"));
+        let Command::Image(ImageCommand::PublishDiff(args)) = cli.command else {
+            panic!("parsed as {:?}", cli.command);
+        };
+        assert_eq!(args.overlay, PathBuf::from("update.qcow2"));
+        assert_eq!(args.parent.to_string(), "office-v1");
+        assert_eq!(args.name.to_string(), "office-v2");
+        assert!(Cli::try_parse_from([
+            "deskgrid",
+            "image",
+            "publish-diff",
+            "u.qcow2",
+            "--name",
+            "office-v2"
+        ])
+        .is_err());
     }
 }

@@ -484,6 +484,22 @@ impl Output {
         }
     }
 
+    pub fn diff_published(&self, report: &crate::service::images::diffs::PublishReport) {
+        match self.format {
+            OutputFormat::Text => println!(
+                "published {} (parent {}): {}, {}; overlay {} raw, {} zstd-compressed ({:.1} s)",
+                report.import.version,
+                report.parent,
+                indicatif::BinaryBytes(report.import.virtual_size),
+                report.import.digest,
+                indicatif::BinaryBytes(report.overlay_bytes),
+                indicatif::BinaryBytes(report.compressed_bytes),
+                report.import.seconds,
+            ),
+            OutputFormat::Json => self.json(report),
+        }
+    }
+
     /// Image versions as a table (sorted by version, as the server sends them).
     pub fn images(&self, images: &[crate::service::images::ImageSummary]) {
         /// Hex digits of a digest shown in the table (`--output json` has all).

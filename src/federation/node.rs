@@ -34,7 +34,8 @@
 //! has at most [`CHUNK_REQUESTS_PER_PEER`] chunk requests served at once and
 //! the server [`CHUNK_REQUESTS_TOTAL`]; further requests wait for a slot
 //! (backpressure: the asker's request simply takes longer), they are never
-//! refused for being many. [`request_manifest`] and [`request_chunk`] are
+//! refused for being many. Difference-disk parts take the same slots.
+//! [`request_manifest`], [`request_chunk`] and [`request_diff_part`] are
 //! the asking side.
 
 use std::collections::BTreeMap;
@@ -86,6 +87,29 @@ pub trait ChunkSource: Send + Sync + 'static {
         image: &ImageVersionId,
         index: u64,
     ) -> Result<(Encoding, Vec<u8>), ChunkRefusal>;
+
+    /// Bytes of `image`'s compressed difference disk from `offset` on (at
+    /// most [`protocol::MAX_DIFF_PART_BYTES`]) and the file's length, for
+    /// `peer`. The default holds no difference disks.
+    fn read_diff_part(
+        &self,
+        peer: ServerId,
+        image: &ImageVersionId,
+        offset: u64,
+    ) -> Result<DiffPart, ChunkRefusal> {
+        let _ = (peer, offset);
+        Err(ChunkRefusal::NoDiff {
+            image: image.clone(),
+        })
+    }
+}
+
+/// A piece of a compressed difference disk as it travels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiffPart {
+    /// The whole file's length.
+    pub total: u64,
+    pub data: Vec<u8>,
 }
 
 /// Why a manifest or chunk request is refused; the asker gets the text.
@@ -100,6 +124,16 @@ pub enum ChunkRefusal {
         image: ImageVersionId,
         index: u64,
         chunks: u64,
+    },
+    #[error("image version {image} has no difference disk here")]
+    NoDiff { image: ImageVersionId },
+    #[error(
+        "the difference disk of image version {image} has {total} bytes, none at offset {offset}"
+    )]
+    DiffOffset {
+        image: ImageVersionId,
+        offset: u64,
+        total: u64,
     },
     #[error("chunk {index} of image version {image} is all zeros and never sent")]
     ZeroChunk { image: ImageVersionId, index: u64 },
@@ -243,6 +277,31 @@ pub async fn request_chunk(
     }
 }
 
+/// Asks the server at the other end of `connection` for the bytes of
+/// `image`'s compressed difference disk from `offset` on. Unchecked: the
+/// asker bounds the sizes.
+pub async fn request_diff_part(
+    connection: &PeerConnection,
+    image: &ImageVersionId,
+    offset: u64,
+    deadline: Duration,
+) -> Result<DiffPart, ImageRequestError> {
+    let request = PeerRequest::GetDiffPart {
+        image: image.clone(),
+        offset,
+    };
+    let answer = connection
+        .request(&protocol::encode(&request), deadline)
+        .await?;
+    match protocol::decode::<PeerResponse>(&answer)? {
+        PeerResponse::DiffPart { total, data } => Ok(DiffPart { total, data }),
+        PeerResponse::Refused { reason } => Err(ImageRequestError::Refused { reason }),
+        _ => Err(ImageRequestError::Unexpected {
+            asked: "difference disk",
+        }),
+    }
+}
+
 /// Timings of the runtime.
 #[derive(Debug, Clone)]
 pub struct NodeSettings {
@@ -357,9 +416,10 @@ impl PeerHandler for RequestHandler {
             // Held until the answer is encoded: a chunk's bytes are what
             // the slots bound.
             let _slot = match (&peer, &request) {
-                (PeerIdentity::Server(server), PeerRequest::GetChunk { .. }) => {
-                    Some(chunk_limits.acquire(*server).await)
-                }
+                (
+                    PeerIdentity::Server(server),
+                    PeerRequest::GetChunk { .. } | PeerRequest::GetDiffPart { .. },
+                ) => Some(chunk_limits.acquire(*server).await),
                 _ => None,
             };
             // Encoded on the blocking pool too: a chunk is megabytes.
@@ -466,6 +526,15 @@ fn dispatch(
                 },
                 Err(refusal) => {
                     tracing::debug!(peer = %server, %image, index, reason = %crate::error_chain(&refusal), "chunk request refused");
+                    refused(crate::error_chain(&refusal))
+                }
+            }
+        }
+        (PeerIdentity::Server(server), PeerRequest::GetDiffPart { image, offset }) => {
+            match chunks.read_diff_part(server, &image, offset) {
+                Ok(DiffPart { total, data }) => PeerResponse::DiffPart { total, data },
+                Err(refusal) => {
+                    tracing::debug!(peer = %server, %image, offset, reason = %crate::error_chain(&refusal), "difference disk request refused");
                     refused(crate::error_chain(&refusal))
                 }
             }

@@ -15,6 +15,12 @@ use crate::transfer::{Encoding, Manifest};
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u16 = 1;
 
+/// Most bytes of a difference disk in one [`PeerResponse::DiffPart`]: a
+/// quarter of the transport's 32 MiB message limit, so an answer always
+/// fits with room to spare, and few round trips for a typical update
+/// (tens of MiB compressed).
+pub const MAX_DIFF_PART_BYTES: u64 = 8 << 20;
+
 /// Every request and response travels in one of these.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Envelope<T> {
@@ -39,6 +45,12 @@ pub enum PeerRequest {
     /// [`PeerResponse::Chunk`] by a server that holds it complete. All-zero
     /// chunks are never asked for (the manifest marks them).
     GetChunk { image: ImageVersionId, index: u64 },
+    /// Send me the bytes of `image`'s zstd-compressed difference disk (its
+    /// qcow2 overlay on its parent) from `offset` on; answered with
+    /// [`PeerResponse::DiffPart`] by a server that holds `image` complete
+    /// and kept its difference disk. Parts keep every answer far under the
+    /// message limit, however large the overlay.
+    GetDiffPart { image: ImageVersionId, offset: u64 },
 }
 
 /// What a joining server sends once it has checked the grid's CA.
@@ -118,6 +130,15 @@ pub enum PeerResponse {
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
+    /// Bytes of a compressed difference disk from the asked offset on (at
+    /// most [`MAX_DIFF_PART_BYTES`]), and the file's whole length. The asker
+    /// bounds `total` before it fetches more, and trusts none of it until
+    /// the version it rebuilds verifies against the grid's root digest.
+    DiffPart {
+        total: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
     /// Refused, with a reason for an operator.
     Refused {
         reason: String,
@@ -184,7 +205,14 @@ mod tests {
             PeerRequest::GetManifest {
                 image: image.clone(),
             },
-            PeerRequest::GetChunk { image, index: 7 },
+            PeerRequest::GetChunk {
+                image: image.clone(),
+                index: 7,
+            },
+            PeerRequest::GetDiffPart {
+                image,
+                offset: 8 << 20,
+            },
         ] {
             assert_eq!(decode::<PeerRequest>(&encode(&request)), Ok(request));
         }
@@ -198,6 +226,13 @@ mod tests {
         // A CBOR array of small integers would take up to two bytes each.
         assert!(bytes.len() < data.len() + 100, "{} bytes", bytes.len());
         assert_eq!(decode::<PeerResponse>(&bytes), Ok(chunk));
+        let part = PeerResponse::DiffPart {
+            total: 1 << 30,
+            data: data.clone(),
+        };
+        let bytes = encode(&part);
+        assert!(bytes.len() < data.len() + 100, "{} bytes", bytes.len());
+        assert_eq!(decode::<PeerResponse>(&bytes), Ok(part));
         let manifest = Manifest {
             virtual_size: 3 << 16,
             chunk_size: 1 << 16,

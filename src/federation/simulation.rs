@@ -880,7 +880,8 @@ impl Simulation {
                 // Joins and image transfer are not simulated.
                 PeerRequest::Join(_)
                 | PeerRequest::GetManifest { .. }
-                | PeerRequest::GetChunk { .. } => {}
+                | PeerRequest::GetChunk { .. }
+                | PeerRequest::GetDiffPart { .. } => {}
             },
             Payload::Response(response) => match *response {
                 PeerResponse::State { delta, vector } => {
@@ -903,7 +904,8 @@ impl Simulation {
                 | PeerResponse::Refused { .. }
                 | PeerResponse::Joined(_)
                 | PeerResponse::Manifest { .. }
-                | PeerResponse::Chunk { .. } => {}
+                | PeerResponse::Chunk { .. }
+                | PeerResponse::DiffPart { .. } => {}
             },
         }
     }

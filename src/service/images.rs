@@ -32,6 +32,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+pub mod diffs;
+
 use super::{now_ms, GridService, ServiceError};
 use crate::actuator::libvirt::LibvirtHypervisor;
 use crate::actuator::{ActuatorError, Hypervisor, VolumeFormat, VolumeName};
@@ -42,7 +44,7 @@ use crate::model::{
 };
 use crate::state::{ConfigKey, ConfigValue};
 use crate::transfer::manifest::DEFAULT_CHUNK_SIZE;
-use crate::transfer::{ChunkEntry, ManifestBuilder, ManifestStore, ManifestStoreError};
+use crate::transfer::{ChunkEntry, Manifest, ManifestBuilder, ManifestStore, ManifestStoreError};
 
 const QEMU_IMG: &str = "qemu-img";
 /// `qemu-img info` reads a few headers; a file that keeps it busy this long
@@ -165,6 +167,7 @@ pub trait ImageRegistry {
         version: &ImageVersionId,
         digest: &ImageDigest,
         virtual_size: u64,
+        parent: Option<&ImageVersionId>,
     ) -> Result<ImageSummary, RegistryError>;
 }
 
@@ -251,6 +254,22 @@ pub enum ImageError {
         #[source]
         source: RegistryError,
     },
+    #[error("this server does not hold image version {parent} complete: publish a difference disk on a server that does")]
+    ParentNotHere { parent: ImageVersionId },
+    #[error("{} is not a qcow2 overlay deskgrid can use: {reason}", .path.display())]
+    NotAnOverlay { path: PathBuf, reason: String },
+    #[error("{} is not a usable difference disk: {reason}", .path.display())]
+    BadDiff { path: PathBuf, reason: String },
+    #[error("image version {version} has no digest in the grid yet")]
+    NoDigest { version: ImageVersionId },
+    #[error("the version rebuilt from the difference disk of {version} has digest {actual}, the grid's is {expected}")]
+    DiffDigestMismatch {
+        version: ImageVersionId,
+        expected: ImageDigest,
+        actual: ImageDigest,
+    },
+    #[error("image version {parent} is not in the grid, so it cannot be a parent")]
+    UnknownParent { parent: ImageVersionId },
     #[error(transparent)]
     Service(#[from] ServiceError),
 }
@@ -285,18 +304,25 @@ pub fn import_image(
     let disk = inspect(&source, cancel)?;
     // The model's limits (size), checked before any work rather than at
     // registration after the upload.
-    new_version(version, None, disk.virtual_size, ImageState::Importing)
-        .validate()
-        .map_err(|source| ImageError::Invalid {
-            version: version.clone(),
-            source,
-        })?;
+    new_version(
+        version,
+        None,
+        None,
+        disk.virtual_size,
+        ImageState::Importing,
+    )
+    .validate()
+    .map_err(|source| ImageError::Invalid {
+        version: version.clone(),
+        source,
+    })?;
     let host = LibvirtHypervisor::connect(config.libvirt.libvirt_options())?;
     let import = Import {
         data_dir,
         source,
         disk,
         version,
+        parent: None,
         registry,
         started,
     };
@@ -310,6 +336,8 @@ struct Import<'a> {
     source: PathBuf,
     disk: DiskInfo,
     version: &'a ImageVersionId,
+    /// The version it derives from (a published difference disk), if any.
+    parent: Option<&'a ImageVersionId>,
     registry: &'a dyn ImageRegistry,
     started: Instant,
 }
@@ -326,6 +354,7 @@ impl Import<'_> {
             source,
             disk,
             version,
+            parent,
             registry,
             started,
         } = self;
@@ -364,54 +393,9 @@ impl Import<'_> {
             0.0
         };
 
-        let raw = File::open(&raw_path).map_err(|source| ImageError::Unreadable {
-            path: raw_path.clone(),
-            source,
-        })?;
         let total = disk.virtual_size;
-        progress(ImportProgress {
-            phase: ImportPhase::Importing,
-            done: 0,
-            total,
-        });
-        // The manifest is built on a thread of its own, so hashing overlaps the
-        // upload instead of adding to it.
-        let (blocks, received) = mpsc::sync_channel::<Vec<u8>>(HASH_QUEUE_BLOCKS);
-        let (uploaded, manifest) = std::thread::scope(|scope| {
-            let hasher = scope.spawn(move || {
-                let mut manifest = ManifestBuilder::new(DEFAULT_CHUNK_SIZE)
-                    .expect("the default chunk size is valid (transfer::manifest tests it)");
-                for block in received {
-                    manifest.update(&block);
-                }
-                manifest.finish()
-            });
-            let mut tee = TeeReader {
-                source: raw,
-                blocks,
-                cancel,
-            };
-            let uploaded =
-                host.import_base_image(version, VolumeFormat::Raw, total, &mut tee, &mut |done| {
-                    progress(ImportProgress {
-                        phase: ImportPhase::Importing,
-                        done,
-                        total,
-                    })
-                });
-            // Closes the queue: the hasher finishes the last chunk.
-            drop(tee);
-            let manifest = hasher
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            (uploaded, manifest)
-        });
-        let info = match uploaded {
-            Ok(info) => info,
-            // The actuator removed the volume; the temporary file goes on drop.
-            Err(_) if cancel.load(Ordering::SeqCst) => return Err(ImageError::Cancelled),
-            Err(error) => return Err(error.into()),
-        };
+        let (info, manifest) =
+            upload_with_manifest(host, version, &raw_path, total, progress, cancel)?;
         drop(converted);
         let digest = manifest.root_digest();
 
@@ -448,7 +432,7 @@ impl Import<'_> {
             done: 0,
             total: 1,
         });
-        if let Err(source) = registry.register(version, &digest, total) {
+        if let Err(source) = registry.register(version, &digest, total, parent) {
             // A lost answer is not a refusal: undo only what the grid does not
             // list as this very content held here.
             if !registered_here(registry, version, &digest) {
@@ -488,6 +472,66 @@ impl Import<'_> {
     }
 }
 
+/// Streams the raw file `raw_path` (`total` bytes) once into a new raw base
+/// volume for `version` while building its manifest (a tee: the digest names
+/// exactly the bytes the pool holds). A failed upload leaves no volume.
+pub(super) fn upload_with_manifest(
+    host: &dyn Hypervisor,
+    version: &ImageVersionId,
+    raw_path: &Path,
+    total: u64,
+    progress: &mut dyn FnMut(ImportProgress),
+    cancel: &AtomicBool,
+) -> Result<(crate::actuator::VolumeInfo, Manifest), ImageError> {
+    let raw = File::open(raw_path).map_err(|source| ImageError::Unreadable {
+        path: raw_path.to_owned(),
+        source,
+    })?;
+    progress(ImportProgress {
+        phase: ImportPhase::Importing,
+        done: 0,
+        total,
+    });
+    // The manifest is built on a thread of its own, so hashing overlaps the
+    // upload instead of adding to it.
+    let (blocks, received) = mpsc::sync_channel::<Vec<u8>>(HASH_QUEUE_BLOCKS);
+    let (uploaded, manifest) = std::thread::scope(|scope| {
+        let hasher = scope.spawn(move || {
+            let mut manifest = ManifestBuilder::new(DEFAULT_CHUNK_SIZE)
+                .expect("the default chunk size is valid (transfer::manifest tests it)");
+            for block in received {
+                manifest.update(&block);
+            }
+            manifest.finish()
+        });
+        let mut tee = TeeReader {
+            source: raw,
+            blocks,
+            cancel,
+        };
+        let uploaded =
+            host.import_base_image(version, VolumeFormat::Raw, total, &mut tee, &mut |done| {
+                progress(ImportProgress {
+                    phase: ImportPhase::Importing,
+                    done,
+                    total,
+                })
+            });
+        // Closes the queue: the hasher finishes the last chunk.
+        drop(tee);
+        let manifest = hasher
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (uploaded, manifest)
+    });
+    match uploaded {
+        Ok(info) => Ok((info, manifest)),
+        // The actuator removed the volume.
+        Err(_) if cancel.load(Ordering::SeqCst) => Err(ImageError::Cancelled),
+        Err(error) => Err(error.into()),
+    }
+}
+
 /// Whether the grid lists `version` with `digest`, held complete here.
 fn registered_here(
     registry: &dyn ImageRegistry,
@@ -503,9 +547,11 @@ fn registered_here(
     })
 }
 
-/// A version imported here (no parent: difference disks come another way).
+/// A version made here: imported (no parent) or published from a
+/// difference disk on `parent`.
 fn new_version(
     version: &ImageVersionId,
+    parent: Option<&ImageVersionId>,
     digest: Option<ImageDigest>,
     virtual_size: u64,
     state: ImageState,
@@ -514,7 +560,7 @@ fn new_version(
         id: version.clone(),
         digest,
         virtual_size,
-        parent: None,
+        parent: parent.cloned(),
         state,
     }
 }
@@ -1007,20 +1053,34 @@ impl GridService {
     }
 
     /// Registers a version imported on this server: its manifest must be in
-    /// this server's store under `digest` and describe `virtual_size` bytes.
-    /// Writes the version as ready and this server as its complete holder.
+    /// this server's store under `digest` and describe `virtual_size` bytes,
+    /// and its `parent` (a version published from a difference disk) must be
+    /// in the grid. Writes the version as ready and this server as its
+    /// complete holder.
     pub fn register_image(
         &mut self,
         data_dir: &DataDir,
         version: &ImageVersionId,
         digest: &ImageDigest,
         virtual_size: u64,
+        parent: Option<&ImageVersionId>,
     ) -> Result<ImageSummary, ImageError> {
         let key = ConfigKey::Image(version.clone());
         if self.state.config(&key).is_some() {
             return Err(ImageError::VersionExists {
                 version: version.clone(),
             });
+        }
+        if let Some(parent) = parent {
+            if self
+                .state
+                .config(&ConfigKey::Image(parent.clone()))
+                .is_none()
+            {
+                return Err(ImageError::UnknownParent {
+                    parent: parent.clone(),
+                });
+            }
         }
         let manifest = manifest_store(data_dir)
             .load_verified(version, digest)?
@@ -1034,7 +1094,13 @@ impl GridService {
                 virtual_size,
             });
         }
-        let image = new_version(version, Some(*digest), virtual_size, ImageState::Ready);
+        let image = new_version(
+            version,
+            parent,
+            Some(*digest),
+            virtual_size,
+            ImageState::Ready,
+        );
         image.validate().map_err(|source| ImageError::Invalid {
             version: version.clone(),
             source,
@@ -1202,23 +1268,23 @@ mod tests {
         let size = data.len() as u64;
 
         assert!(matches!(
-            grid.register_image(&data_dir, &version, &digest, size),
+            grid.register_image(&data_dir, &version, &digest, size, None),
             Err(ImageError::NoManifest { .. })
         ));
         manifest_store(&data_dir).save(&version, &manifest).unwrap();
         let other = ImageDigest::from_bytes([7; 32]);
         assert!(matches!(
-            grid.register_image(&data_dir, &version, &other, size),
+            grid.register_image(&data_dir, &version, &other, size, None),
             Err(ImageError::Manifest(ManifestStoreError::Mismatch { .. }))
         ));
         assert!(matches!(
-            grid.register_image(&data_dir, &version, &digest, size + 1),
+            grid.register_image(&data_dir, &version, &digest, size + 1, None),
             Err(ImageError::SizeMismatch { .. })
         ));
         assert!(grid.images().is_empty(), "refusals write nothing");
 
         let summary = grid
-            .register_image(&data_dir, &version, &digest, size)
+            .register_image(&data_dir, &version, &digest, size, None)
             .unwrap();
         let expected = ImageSummary {
             id: version.clone(),
@@ -1236,7 +1302,7 @@ mod tests {
         assert_eq!(summary, expected);
         assert_eq!(grid.images(), vec![expected]);
         assert!(matches!(
-            grid.register_image(&data_dir, &version, &digest, size),
+            grid.register_image(&data_dir, &version, &digest, size, None),
             Err(ImageError::VersionExists { .. })
         ));
     }
@@ -1266,6 +1332,7 @@ mod tests {
             version: &ImageVersionId,
             digest: &ImageDigest,
             virtual_size: u64,
+            parent: Option<&ImageVersionId>,
         ) -> Result<ImageSummary, RegistryError> {
             if self.answer == Answer::Refused {
                 return Err("the server refused: no".into());
@@ -1275,7 +1342,7 @@ mod tests {
                 state: ImageState::Ready,
                 virtual_size,
                 digest: Some(*digest),
-                parent: None,
+                parent: parent.cloned(),
                 complete_on: vec![ImageHolder {
                     server: ServerId::random(),
                     name: "alpha".to_owned(),
@@ -1323,6 +1390,7 @@ mod tests {
                 actual_size: None,
             },
             version: &version,
+            parent: None,
             registry: &registry,
             started: Instant::now(),
         };

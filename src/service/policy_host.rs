@@ -12,13 +12,14 @@ use std::time::Duration;
 
 use tokio::sync::{broadcast, watch};
 
+use super::images::diffs::{diffs_dir, parent_volume_path, rebuild_from_diff};
 use super::{now_ms, GridService, ServiceError};
 use crate::actuator::domain_xml::{NetworkAttachment, VNC_PASSWORD_MAX_BYTES};
 use crate::actuator::libvirt::{LibvirtHypervisor, LibvirtOptions};
 use crate::actuator::{AsyncHypervisor, DomainKind, DomainSpec, Hypervisor};
 use crate::appliance::config::Config;
 use crate::federation::membership::MemberState;
-use crate::federation::{ChunkSource, PeerEndpoint};
+use crate::federation::{request_diff_part, ChunkSource, PeerEndpoint};
 use crate::model::{
     BaseImage, DisplayProtocol, ImageHolding, ImageVersionId, ServerId, ServerRecord, Template,
     TransferRecord, VmId,
@@ -203,7 +204,8 @@ impl ImageTransfer {
     ) -> Self {
         let manifests = ManifestStore::new(transfer_dir.join("manifests"));
         let chunk_server = ChunkServer::new(manifests, Arc::new(ServiceImages(service)))
-            .corrupt_every(corrupt_every);
+            .corrupt_every(corrupt_every)
+            .diffs_dir(diffs_dir(&transfer_dir));
         Self {
             chunk_server: Arc::new(chunk_server),
             endpoint,
@@ -287,6 +289,15 @@ impl ImagePuller for GridImagePuller {
                 tokio::task::spawn_blocking(move || complete_holders(&lock(&reading), &id))
                     .await
                     .map_err(|error| format!("cannot read the grid state: {error}"))?;
+            if image.parent.is_some() {
+                match puller.pull_by_diff(&endpoint, &image, &holders).await {
+                    DiffOutcome::Rebuilt => return Ok(()),
+                    DiffOutcome::NotTried => {}
+                    DiffOutcome::Failed(reason) => {
+                        tracing::warn!(image = %image.id, %reason, "difference disk unusable; pulling the full version");
+                    }
+                }
+            }
             let sources: Vec<Arc<dyn ChunkPeer>> = holders
                 .into_iter()
                 .map(|(server, address)| {
@@ -379,6 +390,190 @@ impl ImagePuller for GridImagePuller {
                 .map(|_| ())
                 .map_err(|error| crate::error_chain(&error))
         })
+    }
+}
+
+/// How an attempt to rebuild a version from its difference disk ended.
+#[derive(Debug)]
+enum DiffOutcome {
+    /// The version is in the pool, verified: the pull is done.
+    Rebuilt,
+    /// Not possible here (no parent held complete, a pull already under
+    /// way, no holder kept the difference disk): pull the full version.
+    NotTried,
+    /// Tried and failed (nothing kept): pull the full version.
+    Failed(String),
+}
+
+impl GridImagePuller {
+    /// Rebuilds `image` from its parent, which this server must hold
+    /// complete, and its compressed difference disk fetched from the first
+    /// of `holders` that kept it: see [`rebuild_from_diff`]. The compressed
+    /// overlay may not exceed the version's virtual size (a full pull moves
+    /// less than that).
+    async fn pull_by_diff(
+        &self,
+        endpoint: &Arc<PeerEndpoint>,
+        image: &BaseImage,
+        holders: &[(ServerId, SocketAddr)],
+    ) -> DiffOutcome {
+        let Some(parent) = image.parent.clone() else {
+            return DiffOutcome::NotTried;
+        };
+        let (service, host, id) = (
+            Arc::clone(&self.service),
+            Arc::clone(&self.host),
+            image.id.clone(),
+        );
+        let parent_path = tokio::task::spawn_blocking(move || {
+            let holds_parent = {
+                let service = lock(&service);
+                service
+                    .state
+                    .server(service.server_id())
+                    .is_some_and(|record| {
+                        record.images.get(&parent) == Some(&ImageHolding::Complete)
+                    })
+            };
+            if !holds_parent {
+                return None;
+            }
+            // A volume of the version already here is a full pull to resume.
+            let name = crate::actuator::VolumeName::Base(id);
+            let volumes = host.list_volumes().ok()?;
+            if volumes.iter().any(|volume| volume.name == name) {
+                return None;
+            }
+            parent_volume_path(host.as_ref(), &parent).ok()
+        })
+        .await
+        .ok()
+        .flatten();
+        let Some(parent_path) = parent_path else {
+            return DiffOutcome::NotTried;
+        };
+        let started = std::time::Instant::now();
+        let compressed = self
+            .transfer_dir
+            .join(format!("diff-{}.qcow2.zst.part", image.id));
+        let mut fetched = None;
+        for (server, address) in holders {
+            match self
+                .fetch_diff(endpoint, *server, *address, image, &compressed)
+                .await
+            {
+                Ok(wire_bytes) => {
+                    fetched = Some((*server, wire_bytes));
+                    break;
+                }
+                Err(reason) => {
+                    tracing::info!(image = %image.id, peer = %server, %reason, "no difference disk from this holder");
+                }
+            }
+        }
+        let Some((server, wire_bytes)) = fetched else {
+            let _ = std::fs::remove_file(&compressed);
+            return DiffOutcome::NotTried;
+        };
+        let (host, transfer_dir, to_rebuild, from) = (
+            Arc::clone(&self.host),
+            self.transfer_dir.clone(),
+            image.clone(),
+            compressed.clone(),
+        );
+        let rebuilt = tokio::task::spawn_blocking(move || {
+            rebuild_from_diff(
+                host.as_ref(),
+                &transfer_dir,
+                &to_rebuild,
+                &parent_path,
+                &from,
+            )
+        })
+        .await;
+        let _ = std::fs::remove_file(&compressed);
+        match rebuilt {
+            Ok(Ok(rebuild)) => {
+                tracing::info!(
+                    image = %image.id,
+                    parent = ?image.parent,
+                    peer = %server,
+                    wire_bytes,
+                    overlay_bytes = rebuild.overlay_bytes,
+                    data_bytes = rebuild.data_bytes,
+                    seconds = format_args!("{:.2}", started.elapsed().as_secs_f64()),
+                    "image rebuilt from a difference disk"
+                );
+                DiffOutcome::Rebuilt
+            }
+            Ok(Err(error)) => DiffOutcome::Failed(crate::error_chain(&error)),
+            Err(error) => DiffOutcome::Failed(format!("the rebuild stopped: {error}")),
+        }
+    }
+
+    /// Fetches `image`'s compressed difference disk from `server` into
+    /// `target`, part by part; returns the bytes received.
+    async fn fetch_diff(
+        &self,
+        endpoint: &Arc<PeerEndpoint>,
+        server: ServerId,
+        address: SocketAddr,
+        image: &BaseImage,
+        target: &std::path::Path,
+    ) -> Result<u64, String> {
+        let limit = image.virtual_size;
+        let connection = endpoint
+            .connection(address, server)
+            .await
+            .map_err(|error| crate::error_chain(&error))?;
+        let mut file = std::fs::File::create(target)
+            .map_err(|error| format!("cannot create {}: {error}", target.display()))?;
+        let mut offset = 0u64;
+        let mut expected_total = None;
+        loop {
+            let part = request_diff_part(
+                &connection,
+                &image.id,
+                offset,
+                self.settings.request_deadline,
+            )
+            .await
+            .map_err(|error| crate::error_chain(&error))?;
+            if part.total > limit {
+                return Err(format!(
+                    "the difference disk is {} bytes, more than the {limit}-byte version",
+                    part.total
+                ));
+            }
+            if *expected_total.get_or_insert(part.total) != part.total {
+                return Err("the difference disk changed size while it was fetched".to_owned());
+            }
+            let end = offset.saturating_add(part.data.len() as u64);
+            if part.data.is_empty() || end > part.total {
+                return Err(format!(
+                    "a part of {} bytes at offset {offset} does not fit a {}-byte file",
+                    part.data.len(),
+                    part.total
+                ));
+            }
+            // Megabytes per write: on the blocking pool, not the runtime's
+            // threads.
+            file = tokio::task::spawn_blocking(move || {
+                std::io::Write::write_all(&mut file, &part.data).map(|()| file)
+            })
+            .await
+            .map_err(|error| format!("the write stopped: {error}"))?
+            .map_err(|error| format!("cannot write {}: {error}", target.display()))?;
+            offset = end;
+            if offset == part.total {
+                break;
+            }
+        }
+        tokio::task::spawn_blocking(move || file.sync_all())
+            .await
+            .map_err(|error| format!("the write stopped: {error}"))?
+            .map_err(|error| format!("cannot write {}: {error}", target.display()))?;
+        Ok(offset)
     }
 }
 

@@ -5,8 +5,9 @@
 //!   the root digest that names it (pure).
 //! - `codec`: chunks on the wire, zstd when that pays (pure).
 //! - `manifest_store`: manifests on disk, verified when read back.
-//! - `serve`: a holder answers manifest and chunk requests from its pool
-//!   (the federation's [`crate::federation::ChunkSource`]).
+//! - `serve`: a holder answers manifest, chunk and difference-disk
+//!   requests from its pool (the federation's
+//!   [`crate::federation::ChunkSource`]).
 //! - `schedule`: which chunk each source fetches next (pure).
 //! - `progress`: the resume file, a bitmap of the chunks written.
 //! - `pull`: fetches a version from every complete holder at once,
@@ -29,4 +30,4 @@ pub use pull::{
     pull_image, ChunkPeer, ProgressCallback, PullError, PullProgress, PullReport, PullSettings,
     QuicChunkPeer, SourceReport,
 };
-pub use serve::{ChunkServer, HeldImages, ImageOnServer};
+pub use serve::{diff_file, ChunkServer, HeldImages, ImageOnServer};

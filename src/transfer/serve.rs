@@ -10,19 +10,32 @@
 //! for; a request for one is refused. How many requests are served at once
 //! is the federation's business (`federation/node.rs`).
 //!
+//! Difference disks: a holder that kept a version's compressed overlay
+//! (`DATA_DIR/transfer/diffs/<version>.qcow2.zst`, see [`diff_file`]) serves
+//! it in parts to servers that hold the parent and rebuild the version
+//! from it.
+//!
 //! A test-only fault hook ([`ChunkServer::corrupt_every`]) flips a byte in
 //! every Nth chunk served, so the tests can show a receiver catching it.
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::io::{Read as _, Seek as _, SeekFrom};
 use std::num::NonZeroU64;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use super::{codec, ChunkEntry, Encoding, Manifest, ManifestStore, ManifestStoreError};
 use crate::actuator::{ActuatorError, Hypervisor, VolumeName};
-use crate::federation::{ChunkRefusal, ChunkSource};
+use crate::federation::{ChunkRefusal, ChunkSource, DiffPart, MAX_DIFF_PART_BYTES};
 use crate::model::{ImageDigest, ImageVersionId, ServerId};
+
+/// Where `version`'s compressed difference disk is kept under `diffs_dir`
+/// (`DATA_DIR/transfer/diffs`).
+pub fn diff_file(diffs_dir: &Path, version: &ImageVersionId) -> PathBuf {
+    diffs_dir.join(format!("{version}.qcow2.zst"))
+}
 
 /// What the grid state says of an image version on this server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +67,8 @@ enum ServeError {
     Manifest(#[source] ManifestStoreError),
     #[error("its volume cannot be read")]
     Read(#[source] ActuatorError),
+    #[error("its difference disk cannot be read")]
+    DiffRead(#[source] std::io::Error),
 }
 
 /// Answers peers' manifest and chunk requests from this server's pool.
@@ -62,6 +77,8 @@ pub struct ChunkServer {
     /// requests are refused (the asker tries another holder).
     host: OnceLock<Arc<dyn Hypervisor>>,
     manifests: ManifestStore,
+    /// Where kept difference disks are (`None`: none are served).
+    diffs_dir: Option<PathBuf>,
     images: Arc<dyn HeldImages>,
     /// Manifests already verified, by version, with the digest they were
     /// verified against (read from disk again if the grid's digest moved).
@@ -87,6 +104,7 @@ impl ChunkServer {
         Self {
             host: OnceLock::new(),
             manifests,
+            diffs_dir: None,
             images,
             verified: Mutex::new(BTreeMap::new()),
             corrupt_every: None,
@@ -100,6 +118,12 @@ impl ChunkServer {
     /// `DESKGRID_TEST_CORRUPT_CHUNKS` environment variable.
     pub fn corrupt_every(mut self, n: Option<NonZeroU64>) -> Self {
         self.corrupt_every = n;
+        self
+    }
+
+    /// Serves the difference disks kept in `diffs_dir`.
+    pub fn diffs_dir(mut self, diffs_dir: PathBuf) -> Self {
+        self.diffs_dir = Some(diffs_dir);
         self
     }
 
@@ -214,6 +238,50 @@ impl ChunkSource for ChunkServer {
             }
         }
         Ok(codec::encode(&data))
+    }
+
+    fn read_diff_part(
+        &self,
+        peer: ServerId,
+        image: &ImageVersionId,
+        offset: u64,
+    ) -> Result<DiffPart, ChunkRefusal> {
+        // Only for a version held complete: the overlay rebuilds exactly it.
+        self.held_digest(image)?;
+        let no_diff = || ChunkRefusal::NoDiff {
+            image: image.clone(),
+        };
+        let path = diff_file(self.diffs_dir.as_deref().ok_or_else(no_diff)?, image);
+        let mut file = match std::fs::File::open(&path) {
+            Ok(file) => file,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Err(no_diff()),
+            Err(error) => {
+                return Err(ChunkRefusal::Unavailable {
+                    image: image.clone(),
+                    source: Box::new(ServeError::DiffRead(error)),
+                })
+            }
+        };
+        let unavailable = |error| ChunkRefusal::Unavailable {
+            image: image.clone(),
+            source: Box::new(ServeError::DiffRead(error)),
+        };
+        let total = file.metadata().map_err(unavailable)?.len();
+        if offset >= total {
+            return Err(ChunkRefusal::DiffOffset {
+                image: image.clone(),
+                offset,
+                total,
+            });
+        }
+        let length = (total - offset).min(MAX_DIFF_PART_BYTES);
+        let mut data = Vec::with_capacity(length as usize);
+        file.seek(SeekFrom::Start(offset)).map_err(unavailable)?;
+        file.take(length)
+            .read_to_end(&mut data)
+            .map_err(unavailable)?;
+        tracing::debug!(%peer, %image, offset, bytes = data.len(), total, "serving a difference disk part");
+        Ok(DiffPart { total, data })
     }
 }
 
