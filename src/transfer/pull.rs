@@ -695,7 +695,18 @@ impl PullRun {
 
     fn spawn_save(&self) -> JoinHandle<Result<(), ProgressError>> {
         let (file, digest, bitmap) = (self.progress_file.clone(), self.digest, self.bitmap.clone());
-        tokio::task::spawn_blocking(move || file.save(&digest, &bitmap))
+        let (host, volume) = (Arc::clone(&self.host), VolumeName::Base(self.image.clone()));
+        tokio::task::spawn_blocking(move || {
+            // The bitmap may only claim chunks that are on disk: sync them
+            // first (a no-op where libvirt streams wrote them). If that
+            // fails the bitmap is not saved this time; the chunks are
+            // fetched again after a crash, never trusted unsynced.
+            if let Err(error) = host.sync_volume(&volume) {
+                tracing::warn!(%volume, error = %crate::error_chain(&error), "cannot sync the volume; progress not recorded this time");
+                return Ok(());
+            }
+            file.save(&digest, &bitmap)
+        })
     }
 
     fn progress(&self) -> PullProgress {
