@@ -24,15 +24,14 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+#[path = "support/pool_grid.rs"]
+mod pool_grid;
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::Read as _;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{deskgrid, free_udp_port, stderr, DESKGRID, START_TIMEOUT};
+use common::free_udp_port;
 use deskgrid::actuator::libvirt::{LibvirtHypervisor, LibvirtOptions};
 use deskgrid::actuator::{DomainKind, Hypervisor, VolumeFormat};
 use deskgrid::appliance::data_dir::DataDir;
@@ -42,14 +41,12 @@ use deskgrid::state::ConfigValue;
 use deskgrid::transfer::manifest::{manifest_of, DEFAULT_CHUNK_SIZE};
 use deskgrid::transfer::progress::ProgressFile;
 use deskgrid::transfer::{ChunkEntry, Manifest, ManifestStore};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use pool_grid::{
+    disk_like_image, field, log_lines, strings, token, wait_until, Cleanup, Member, Serving, MIB,
+    URI,
+};
 use serde_json::Value;
-use virt::connect::Connect;
-use virt::storage_pool::StoragePool;
 
-const URI: &str = "qemu:///system";
-const MIB: usize = 1 << 20;
 /// Large enough that B is still pulling when the test sees it half-way
 /// (the progress file is polled every 10 ms), small enough for the budget.
 const IMAGE_BYTES: usize = 512 * MIB;
@@ -61,255 +58,6 @@ const STREAMS_PER_SOURCE: u64 = 4;
 /// fraction of each.
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(30);
 const PULL_TIMEOUT: Duration = Duration::from_secs(90);
-
-/// Removes what the test made when dropped, after a failure too: the
-/// servers (SIGKILL), the pools with their volumes, the directories.
-struct Cleanup {
-    servers: Vec<Serving>,
-    pools: Vec<String>,
-    dir: Option<tempfile::TempDir>,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        self.servers.clear();
-        if let Ok(mut connection) = Connect::open(Some(URI)) {
-            for name in &self.pools {
-                if let Ok(pool) = StoragePool::lookup_by_name(&connection, name) {
-                    let _ = pool.refresh(0);
-                    for volume in pool.list_all_volumes(0).unwrap_or_default() {
-                        let _ = volume.delete(0);
-                    }
-                    let _ = pool.destroy();
-                    let _ = pool.undefine();
-                }
-            }
-            let _ = connection.close();
-        }
-        if let Some(dir) = self.dir.take() {
-            if std::thread::panicking() {
-                // The servers' logs are the evidence: keep them (the pools'
-                // volumes are gone already).
-                eprintln!("test failed: logs kept in {}", dir.keep().display());
-            } else {
-                let _ = dir.close();
-            }
-        }
-    }
-}
-
-/// A `deskgrid serve` child logging to a file (a pipe nobody reads would
-/// stall it); killed when dropped.
-struct Serving {
-    name: &'static str,
-    child: Option<Child>,
-}
-
-impl Serving {
-    fn start(member: &Member, log: &Path, env: &[(&str, &str)]) -> Self {
-        let socket = member.data_dir.join("control.sock");
-        // A SIGKILLed server leaves its socket file behind.
-        let _ = std::fs::remove_file(&socket);
-        let mut command = Command::new(DESKGRID);
-        command
-            .arg("--data-dir")
-            .arg(&member.data_dir)
-            .arg("serve")
-            .env_remove("RUST_LOG")
-            .env_remove(deskgrid::appliance::TEST_CORRUPT_CHUNKS_ENV)
-            .stdout(Stdio::null())
-            .stderr(File::create(log).unwrap());
-        for (key, value) in env {
-            command.env(key, value);
-        }
-        let mut serving = Self {
-            name: member.name,
-            child: Some(command.spawn().unwrap()),
-        };
-        let deadline = Instant::now() + START_TIMEOUT;
-        while !socket.exists() {
-            if let Some(status) = serving.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!(
-                    "{} exited at start-up with {status}: {}",
-                    member.name,
-                    std::fs::read_to_string(log).unwrap_or_default()
-                );
-            }
-            assert!(Instant::now() < deadline, "{} did not start", member.name);
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        serving
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).unwrap();
-            child.wait().unwrap();
-        }
-    }
-
-    fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
-        let deadline = Instant::now() + START_TIMEOUT;
-        while child.try_wait().unwrap().is_none() {
-            assert!(
-                Instant::now() < deadline,
-                "{} did not stop after SIGTERM",
-                self.name
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Serving {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-#[derive(Debug)]
-struct Member {
-    name: &'static str,
-    data_dir: PathBuf,
-    pool: String,
-    pool_path: PathBuf,
-}
-
-impl Member {
-    fn new(root: &Path, suffix: &str, name: &'static str) -> Self {
-        Self {
-            name,
-            data_dir: root.join(name),
-            pool: format!("dgx-{suffix}-{name}"),
-            pool_path: root.join(format!("pool-{name}")),
-        }
-    }
-
-    fn settings(&self, address: &str) -> Vec<String> {
-        [
-            "--name",
-            self.name,
-            "--listen",
-            address,
-            "--libvirt",
-            URI,
-            "--pool",
-            &self.pool,
-            "--pool-path",
-            &self.pool_path.display().to_string(),
-            "--domain-type",
-            "qemu",
-        ]
-        .iter()
-        .map(|argument| argument.to_string())
-        .collect()
-    }
-
-    fn volume_file(&self) -> PathBuf {
-        self.pool_path.join(format!("dg-base-{IMAGE}"))
-    }
-
-    fn log(&self, run: u32) -> PathBuf {
-        self.data_dir.with_extension(format!("log.{run}"))
-    }
-
-    fn status(&self) -> Value {
-        let output = deskgrid(&self.data_dir, &["--output", "json", "status"]);
-        assert!(output.status.success(), "status: {}", stderr(&output));
-        serde_json::from_slice(&output.stdout).unwrap()
-    }
-
-    /// How `self` sees server `name`: its failure-detector state and its
-    /// complete images.
-    fn sees(&self, name: &str) -> (String, u64) {
-        let status = self.status();
-        let server = status["servers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|server| server["name"] == name)
-            .cloned()
-            .unwrap_or(Value::Null);
-        (
-            server["state"].as_str().unwrap_or("").to_owned(),
-            server["images_complete"].as_u64().unwrap_or(0),
-        )
-    }
-
-    fn run(&self, arguments: &[String]) {
-        let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
-        let output = deskgrid(&self.data_dir, &arguments);
-        assert!(
-            output.status.success(),
-            "{} {:?}: {}",
-            self.name,
-            arguments,
-            stderr(&output)
-        );
-    }
-}
-
-fn strings(items: &[&str]) -> Vec<String> {
-    items.iter().map(|item| item.to_string()).collect()
-}
-
-/// A disk-like image: about a third in all-zero regions, half text-like
-/// file content, the rest random bytes, in runs of 1 to 24 MiB.
-fn disk_like_image() -> Vec<u8> {
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = move || {
-        // xorshift64*: fast and plenty for choosing regions.
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        state.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    };
-    let words: Vec<&[u8]> = [
-        "desktop", "grid", "chunk", "server", "image", "the", "of", "a", "kernel", "libc",
-        "config", "usr", "share", "locale", "font", "icon", "python3", "lib", "x86_64", "systemd",
-        "unit", "service", "\n", "#include", "return", "=", "{", "}",
-    ]
-    .iter()
-    .map(|word| word.as_bytes())
-    .collect();
-    let mut text = Vec::with_capacity(MIB + 64);
-    while text.len() < MIB {
-        text.extend_from_slice(words[(next() % words.len() as u64) as usize]);
-        text.push(b' ');
-    }
-    text.truncate(MIB);
-    let mut urandom = File::open("/dev/urandom").unwrap();
-    let mut data = vec![0u8; IMAGE_BYTES];
-    let mut at = 0;
-    while at < IMAGE_BYTES {
-        let run = ((1 + next() % 24) as usize * MIB).min(IMAGE_BYTES - at);
-        let kind = next() % 6;
-        for mib in (at..at + run).step_by(MIB) {
-            let block = &mut data[mib..mib + MIB];
-            match kind {
-                0 | 1 => {}
-                2..=4 => {
-                    // The same words, shifted and stamped, so no two
-                    // chunks are equal.
-                    let shift = (next() % MIB as u64) as usize;
-                    block[..MIB - shift].copy_from_slice(&text[shift..]);
-                    block[MIB - shift..].copy_from_slice(&text[..shift]);
-                    block[..8].copy_from_slice(&(mib as u64).to_le_bytes());
-                }
-                _ => urandom.read_exact(block).unwrap(),
-            }
-        }
-        at += run;
-    }
-    data
-}
 
 /// Puts `data` into A's pool as the raw base volume, keeps its manifest and
 /// registers the version as held complete by A (what a finished import
@@ -355,13 +103,6 @@ fn seed_image(member: &Member, data: &[u8]) -> Manifest {
     manifest
 }
 
-fn token(member: &Member) -> String {
-    let output = deskgrid(&member.data_dir, &["--output", "json", "token", "create"]);
-    assert!(output.status.success(), "token create: {}", stderr(&output));
-    let created: Value = serde_json::from_slice(&output.stdout).unwrap();
-    created["token"].as_str().unwrap().to_owned()
-}
-
 fn data_chunks(manifest: &Manifest) -> Vec<u64> {
     manifest.data_chunks().collect()
 }
@@ -394,21 +135,6 @@ fn chunks_recorded(member: &Member, manifest: &Manifest) -> Vec<u64> {
         .collect()
 }
 
-/// `key=value` fields of the log lines of `log` that carry `message`.
-fn log_lines(log: &Path, message: &str) -> Vec<BTreeMap<String, String>> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter(|line| line.contains(message))
-        .map(|line| {
-            line.split_whitespace()
-                .filter_map(|field| field.split_once('='))
-                .map(|(key, value)| (key.to_owned(), value.to_owned()))
-                .collect()
-        })
-        .collect()
-}
-
 /// The `pull source` lines of the attempt that completed the pull, and its
 /// `image pulled` line.
 fn completed_pull(log: &Path) -> (Vec<BTreeMap<String, String>>, BTreeMap<String, String>) {
@@ -431,23 +157,8 @@ fn completed_pull(log: &Path) -> (Vec<BTreeMap<String, String>>, BTreeMap<String
     panic!("no completed pull in {}", log.display());
 }
 
-fn field(line: &BTreeMap<String, String>, key: &str) -> u64 {
-    line.get(key)
-        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
-        .parse()
-        .unwrap()
-}
-
-fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn assert_same_bytes(member: &Member, data: &[u8]) {
-    let copy = std::fs::read(member.volume_file()).unwrap();
+    let copy = std::fs::read(member.volume_file(IMAGE)).unwrap();
     assert!(
         copy == data,
         "{}'s volume differs from A's ({} bytes vs {})",
@@ -485,7 +196,7 @@ fn pulls_from_every_holder_resume_after_sigkill_and_refetch_corrupt_chunks() {
     ]);
     init.extend(a.settings(&address_a));
     a.run(&init);
-    let data = disk_like_image();
+    let data = disk_like_image(IMAGE_BYTES);
     let manifest = seed_image(&a, &data);
     let all_data = data_chunks(&manifest);
     let n_data = all_data.len() as u64;
@@ -542,7 +253,7 @@ fn pulls_from_every_holder_resume_after_sigkill_and_refetch_corrupt_chunks() {
     cleanup.servers[1].kill();
     let killed_after = pull_started.elapsed();
     let recorded = chunks_recorded(&b, &manifest);
-    let written = chunks_in_file(&b.volume_file(), &data, &manifest);
+    let written = chunks_in_file(&b.volume_file(IMAGE), &data, &manifest);
     eprintln!(
         "B killed {:.1} s into its pull: {} data chunks written, {} recorded, {} missing",
         killed_after.as_secs_f64(),
