@@ -506,3 +506,125 @@ fn logins_go_to_the_users_server_then_the_least_loaded() {
     let ranked = index.rank(vm.user.as_ref().unwrap(), &vm.template, None);
     assert_eq!(ranked.first(), Some(&owner_server));
 }
+
+/// A new version published as a difference disk of the old one: its copies
+/// go first to servers holding the old one (a small diff travels), the old
+/// version stays while the new one is short of copies, then goes wherever
+/// no VM uses it, and from the last server once its last user logged out.
+#[test]
+fn a_superseded_version_goes_once_its_successor_is_placed_and_unused() {
+    use deskgrid::model::{BaseImage, VmState};
+    let mut grid = Grid::random(
+        &GridSpec {
+            holding_permille: 0,
+            vms: 0,
+            missing_permille: 0,
+            suspect_permille: 0,
+            ..GridSpec::small(3, 1)
+        },
+        11,
+    );
+    for (_, record, _) in grid.servers.iter_mut() {
+        record.capacity.cpus = 16;
+        record.capacity.memory_total_mib = 64 * 1024;
+        record.capacity.storage_free_bytes = 1 << 40;
+        record.site = deskgrid::model::SiteLabel::new("one-site").unwrap();
+    }
+    let v1 = grid.images[0].id.clone();
+    grid.images[0].state = ImageState::Ready;
+    let mut v2_image: BaseImage = grid.images[0].clone();
+    v2_image.id = ImageVersionId::new("image-0-v2").unwrap();
+    v2_image.parent = Some(v1.clone());
+    let v2 = v2_image.id.clone();
+    let template = &mut grid.templates[0];
+    template.image = v1.clone();
+    template.desired_vms = 2;
+    template.min_idle_vms = 0;
+    template.min_replicas = 2;
+    template.concurrency_percent = 0;
+    grid.entitled.clear();
+    let ids: Vec<ServerId> = grid.servers.iter().map(|(id, ..)| *id).collect();
+    // A seed whose rendezvous hash prefers server 2 for v2: only holding
+    // the parent can make server 1 win.
+    let seed = (0..64u64)
+        .find(|&seed| {
+            let score = |id| deskgrid::placement::rendezvous(seed, v2.as_str().as_bytes(), id);
+            score(ids[2]) > score(ids[1])
+        })
+        .unwrap();
+    // v1 on servers 0 and 1 with its desktops.
+    grid.servers[0]
+        .1
+        .images
+        .insert(v1.clone(), ImageHolding::Complete);
+    grid.servers[1]
+        .1
+        .images
+        .insert(v1.clone(), ImageHolding::Complete);
+    grid.converge(seed, 3).unwrap();
+    assert!(grid.servers[2].1.images.is_empty());
+    // Someone works on a v1 desktop on server 0.
+    let in_use = grid.servers[0]
+        .1
+        .vms
+        .values_mut()
+        .next()
+        .expect("server 0 hosts a v1 desktop");
+    in_use.state = VmState::InUse;
+    let in_use = in_use.id;
+
+    // v2 is published on server 0, and the template moves to it.
+    grid.images.push(v2_image);
+    grid.servers[0]
+        .1
+        .images
+        .insert(v2.clone(), ImageHolding::Complete);
+    grid.templates[0].image = v2.clone();
+    let first = plan(&grid.view(), seed);
+    let pulls: Vec<ServerId> = first
+        .steps
+        .iter()
+        .filter(|step| matches!(&step.action, Action::PullImage { image } if *image == v2))
+        .map(|step| step.target)
+        .collect();
+    assert_eq!(
+        pulls,
+        [ids[1]],
+        "the other holder of v1 gets v2: {first:#?}"
+    );
+    assert!(
+        !first
+            .steps
+            .iter()
+            .any(|step| matches!(&step.action, Action::DropImage { image } if *image == v1)),
+        "v1 went before v2 had its copies: {first:#?}"
+    );
+    grid.apply(&first);
+    let second = plan(&grid.view(), seed);
+    let drops: Vec<ServerId> = second
+        .steps
+        .iter()
+        .filter(|step| matches!(&step.action, Action::DropImage { image } if *image == v1))
+        .map(|step| step.target)
+        .collect();
+    assert_eq!(
+        drops,
+        [ids[1]],
+        "v1 stays under the desktop in use: {second:#?}"
+    );
+    grid.apply(&second);
+    assert_eq!(plan(&grid.view(), seed), Plan::default());
+
+    // The last user logs out: the desktop goes, then v1 with it.
+    grid.servers[0].1.vms.get_mut(&in_use).unwrap().state = VmState::Refreshing;
+    let rounds = grid.converge(seed, 3).unwrap();
+    assert!(rounds <= 2);
+    assert!(grid
+        .servers
+        .iter()
+        .all(|(_, record, _)| !record.images.contains_key(&v1)));
+    assert!(grid
+        .servers
+        .iter()
+        .all(|(_, record, _)| record.vms.values().all(|vm| vm.image == v2)));
+}

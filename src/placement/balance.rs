@@ -22,7 +22,7 @@
 //! needs the image's virtual size free. Everything is integer arithmetic.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 
 use crate::model::{
     ImageHolding, ImageState, ImageVersionId, Name, Policy, ServerRecord, Template, TemplateName,
@@ -319,8 +319,16 @@ impl<'v, 'a> Planner<'v, 'a> {
         for (index, template) in view.templates.iter().enumerate() {
             users_of.entry(&template.image).or_default().push(index);
         }
+        // A version superseded by one built from it (a difference disk) and
+        // named by no template is on its way out: no library copies.
+        let superseded: BTreeSet<&'a ImageVersionId> = view
+            .images
+            .values()
+            .filter_map(|image| image.parent.as_ref())
+            .filter(|parent| !users_of.contains_key(parent))
+            .collect();
         for (id, image) in &view.images {
-            if image.state == ImageState::Ready {
+            if image.state == ImageState::Ready && !superseded.contains(id) {
                 users_of.entry(id).or_default();
             }
         }
@@ -578,8 +586,9 @@ impl<'v, 'a> Planner<'v, 'a> {
 
     /// The best-ranked eligible server that does not hold `image`, has disk
     /// for it and (when `vm` is given) room for one such VM. Candidates are
-    /// ranked once per image: most free memory, same site as a complete
-    /// holder, fewest images, rendezvous hash.
+    /// ranked once per image: most free memory, holding the version it was
+    /// built from, same site as a complete holder, fewest images, rendezvous
+    /// hash.
     fn next_candidate(
         &self,
         candidates: &mut Option<Vec<usize>>,
@@ -603,11 +612,18 @@ impl<'v, 'a> Planner<'v, 'a> {
                 .filter(|&server| view.servers[server].eligible())
                 .filter(|&server| !self.holdings[server].contains_key(image))
                 .collect();
+            // A server holding the version this one was built from gets it
+            // as a small difference disk: the cheapest transfer of all.
+            let parent = view.image(image).and_then(|image| image.parent.as_ref());
             ranked.sort_by_cached_key(|&server| {
                 let room = &self.rooms[server];
                 let same_site = holder_sites.contains(&&view.servers[server].record.site);
+                let holds_parent = parent.is_some_and(|parent| {
+                    self.holdings[server].get(parent) == Some(&Holding::Complete)
+                });
                 (
                     Reverse(room.memory),
+                    Reverse(holds_parent),
                     Reverse(same_site),
                     room.images,
                     Reverse(score(object, view.servers[server].id)),
@@ -671,6 +687,12 @@ impl<'v, 'a> Planner<'v, 'a> {
                 .filter(|&server| view.servers[server].eligible() && !hosting(server))
                 .collect();
             let Some(&need) = needs.get(image) else {
+                // A superseded parent stays until each version built from
+                // it has its copies complete: until then servers rebuild
+                // those from the parent and a small difference disk.
+                if self.children_still_placing(image, needs) {
+                    continue;
+                }
                 for server in droppable {
                     self.drop_copy(server, image, Reason::UnusedImage);
                 }
@@ -719,6 +741,31 @@ impl<'v, 'a> Planner<'v, 'a> {
                 );
             }
         }
+    }
+
+    /// Whether some version whose parent is `image` has fewer complete
+    /// copies (on servers that count) than it needs.
+    fn children_still_placing(
+        &self,
+        image: &ImageVersionId,
+        needs: &BTreeMap<&'a ImageVersionId, u32>,
+    ) -> bool {
+        let view = self.view;
+        view.images
+            .values()
+            .filter(|child| child.parent.as_ref() == Some(image))
+            .any(|child| {
+                let need = needs.get(&child.id).copied().unwrap_or(0);
+                let complete = self
+                    .holdings
+                    .iter()
+                    .zip(&view.servers)
+                    .filter(|(holdings, server)| {
+                        server.counts() && holdings.get(&child.id) == Some(&Holding::Complete)
+                    })
+                    .count();
+                saturating_u32(complete) < need.min(saturating_u32(view.servers.len()))
+            })
     }
 
     fn drop_copy(&mut self, server: usize, image: &'a ImageVersionId, reason: Reason) {
