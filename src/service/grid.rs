@@ -272,6 +272,10 @@ impl crate::federation::node::GridStateAccess for FederatedService {
         &self,
         members: std::collections::BTreeMap<ServerId, crate::federation::membership::MemberState>,
     ) {
-        self.lock().member_states = members;
+        let mut service = self.lock();
+        if service.member_states != members {
+            service.member_states = members;
+            service.note_state_change();
+        }
     }
 }

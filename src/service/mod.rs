@@ -117,11 +117,16 @@ pub struct GridService {
     started_at_ms: u64,
     /// The grid's CA (with its key), when this server is in a grid.
     grid_ca: Option<crate::federation::identity::GridCa>,
-    /// Every delta committed here, local or learnt, for the federation to
-    /// send on; receivers that fall behind miss some and anti-entropy heals.
+    /// Every delta written here (this server's own writes), for the
+    /// federation to push; receivers that fall behind miss some and
+    /// anti-entropy heals. Learnt deltas are not sent on: anti-entropy
+    /// spreads them.
     changes: tokio::sync::broadcast::Sender<Delta>,
     /// What the failure detector last said of the other servers.
     member_states: std::collections::BTreeMap<ServerId, crate::federation::membership::MemberState>,
+    /// Counts changes to what plans depend on: every write merged here,
+    /// local or a peer's, and every change of the membership view.
+    state_generation: tokio::sync::watch::Sender<u64>,
     /// Poked when someone asks the policy loop to act now (`deskgrid plan`).
     policy_wake: std::sync::Arc<tokio::sync::Notify>,
 }
@@ -144,6 +149,7 @@ impl GridService {
             changes: tokio::sync::broadcast::channel(CHANGE_QUEUE).0,
             member_states: std::collections::BTreeMap::new(),
             policy_wake: std::sync::Arc::new(tokio::sync::Notify::new()),
+            state_generation: tokio::sync::watch::channel(0).0,
         };
         Ok((service, report))
     }
@@ -216,6 +222,7 @@ impl GridService {
         }
         self.store.append(delta)?;
         self.state.apply_delta(delta)?;
+        self.note_state_change();
         if self.store.should_compact() {
             // The write is durable already: a failed compaction is retried
             // before the next write, not reported as a failed write.
@@ -224,6 +231,17 @@ impl GridService {
             }
         }
         Ok(())
+    }
+
+    fn note_state_change(&self) {
+        self.state_generation
+            .send_modify(|generation| *generation += 1);
+    }
+
+    /// Changes as they happen (local writes, peers' deltas, membership),
+    /// for whoever plans on the state.
+    pub fn watch_state(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.state_generation.subscribe()
     }
 
     /// Folds the log into a new snapshot now.

@@ -3,14 +3,13 @@
 //! changes, and image transfer: the [`ChunkServer`] that answers peers and
 //! the [`ImagePuller`] that fetches from them ([`GridImagePuller`]).
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::num::NonZeroU64;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 
 use super::images::diffs::{diffs_dir, parent_volume_path, rebuild_from_diff};
 use super::{now_ms, GridService, ServiceError};
@@ -27,7 +26,7 @@ use crate::model::{
 use crate::policy::{
     ImagePuller, PolicyHost, PolicySnapshot, PolicyWaker, PolicyWorker, PullFuture,
 };
-use crate::state::{ConfigKey, ConfigValue, Delta, VersionVector};
+use crate::state::{ConfigKey, ConfigValue};
 use crate::transfer::{
     pull_image, ChunkPeer, ChunkServer, HeldImages, ImageOnServer, ManifestStore, ProgressCallback,
     PullSettings, QuicChunkPeer,
@@ -36,7 +35,6 @@ use crate::transfer::{
 /// How often the state is checked for changes that arrive without a local
 /// write (a peer's delta, the failure detector's news). Local writes wake
 /// the loop at once.
-const STATE_POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// Backoff between libvirt connection attempts, as the host worker does.
 const FIRST_CONNECT_RETRY: Duration = Duration::from_secs(1);
 const MAX_CONNECT_RETRY: Duration = Duration::from_secs(60);
@@ -626,60 +624,34 @@ pub async fn run(
     let domains = DomainSettings::from_config(&config, host.domain_kind());
     let host: Arc<dyn Hypervisor> = Arc::new(host);
     transfer.chunk_server.attach_host(Arc::clone(&host));
-    let (local_changes, plan_now) = {
+    let (changes, plan_now) = {
         let service = lock(&service);
-        (service.subscribe_changes(), service.policy_wake_handle())
+        (service.watch_state(), service.policy_wake_handle())
     };
     let policy_host = Arc::new(ServicePolicyHost::new(Arc::clone(&service), domains));
     let puller = GridImagePuller::new(Arc::clone(&service), &transfer, Arc::clone(&host));
     let worker = PolicyWorker::new(policy_host, AsyncHypervisor::new(host), Arc::new(puller))
         .with_plan_now(plan_now);
-    let watcher = tokio::spawn(wake_on_changes(
-        service,
-        local_changes,
-        worker.waker(),
-        shutdown.clone(),
-    ));
+    let watcher = tokio::spawn(wake_on_changes(changes, worker.waker(), shutdown.clone()));
     tracing::info!("host ready; policy loop running");
     worker.run(shutdown).await;
     let _ = watcher.await;
 }
 
-/// Pokes the loop when the state changes: at once for a local write, within
-/// [`STATE_POLL_INTERVAL`] for a peer's delta or news from the failure
-/// detector (seen as a moved version vector or changed member states).
+/// Pokes the loop whenever the state changes: a local write, a peer's
+/// delta, news from the failure detector.
 async fn wake_on_changes(
-    service: Arc<Mutex<GridService>>,
-    mut local_changes: broadcast::Receiver<Delta>,
+    mut changes: watch::Receiver<u64>,
     waker: PolicyWaker,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut local_open = true;
-    let mut poll = tokio::time::interval(STATE_POLL_INTERVAL);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_seen: Option<(VersionVector, BTreeMap<ServerId, MemberState>)> = None;
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
-            received = local_changes.recv(), if local_open => match received {
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => waker.state_changed(),
-                Err(broadcast::error::RecvError::Closed) => local_open = false,
+            changed = changes.changed() => match changed {
+                Ok(()) => waker.state_changed(),
+                Err(_) => return,
             },
-            _ = poll.tick() => {
-                let reading = Arc::clone(&service);
-                // The lock may be held through a write's fsync: wait for it
-                // off the async workers.
-                let seen = tokio::task::spawn_blocking(move || {
-                    let service = lock(&reading);
-                    (service.state.version_vector().clone(), service.member_states.clone())
-                })
-                .await;
-                let Ok(seen) = seen else { continue };
-                if last_seen.as_ref().is_some_and(|last| *last != seen) {
-                    waker.state_changed();
-                }
-                last_seen = Some(seen);
-            }
         }
     }
 }
@@ -740,6 +712,7 @@ mod tests {
     use super::*;
     use crate::appliance::config::{LibvirtSettings, ServerSettings};
     use crate::model::{ImageHolding, ImageVersionId};
+    use std::collections::BTreeMap;
 
     #[test]
     fn the_service_hosts_the_policy_loop() {
@@ -799,6 +772,45 @@ mod tests {
             NetworkAttachment::Network("default".to_owned())
         );
         assert_eq!((spec.vm, spec.kind), (vm, DomainKind::Qemu));
+    }
+
+    /// What wakes the policy loop: a local write, a peer's delta, a change
+    /// of the membership view; the same membership news twice does not.
+    #[test]
+    fn every_kind_of_state_change_is_seen() {
+        use crate::federation::node::GridStateAccess;
+        let temp = tempfile::tempdir().unwrap();
+        let (mut service, _) = GridService::open(ServerId::random(), temp.path()).unwrap();
+        let mut changes = service.watch_state();
+        let config = Config {
+            server: ServerSettings::default(),
+            libvirt: LibvirtSettings::default(),
+        };
+        service.publish_own_record(&config).unwrap();
+        assert!(changes.has_changed().unwrap(), "a local write");
+        changes.mark_unchanged();
+
+        let peer = ServerId::random();
+        let mut remote = crate::state::GridState::new();
+        let delta = remote
+            .update_server(
+                peer,
+                crate::state::HlcClock::new().tick(now_ms()),
+                ServerRecord::new("peer".to_owned(), Vec::new(), Default::default(), now_ms()),
+            )
+            .unwrap();
+        let service = Arc::new(Mutex::new(service));
+        let federated = crate::service::grid::FederatedService(Arc::clone(&service));
+        assert_eq!(federated.apply_remote(peer, &delta).unwrap(), 1);
+        assert!(changes.has_changed().unwrap(), "a peer's delta");
+        changes.mark_unchanged();
+
+        let members = BTreeMap::from([(peer, MemberState::Suspect)]);
+        federated.report_members(members.clone());
+        assert!(changes.has_changed().unwrap(), "membership news");
+        changes.mark_unchanged();
+        federated.report_members(members);
+        assert!(!changes.has_changed().unwrap(), "the same news again");
     }
 
     #[test]
