@@ -262,8 +262,28 @@ fn concurrent_writes_reach_the_volume_file() {
         dir: Some(dir),
     };
     let host = connect(&cleanup.pool, &pool_path);
-    host.ensure_pool().unwrap();
     let streams_only = connect(&cleanup.pool, &pool_path).with_streams_only();
+    // Several connections ensure the same new pool at the same moment (a
+    // server's host worker and policy loop do at start): all succeed.
+    let extra: Vec<LibvirtHypervisor> =
+        (0..2).map(|_| connect(&cleanup.pool, &pool_path)).collect();
+    let start = std::sync::Barrier::new(2 + extra.len());
+    std::thread::scope(|scope| {
+        let ensuring: Vec<_> = [&host, &streams_only]
+            .into_iter()
+            .chain(&extra)
+            .map(|each| {
+                let start = &start;
+                scope.spawn(move || {
+                    start.wait();
+                    each.ensure_pool()
+                })
+            })
+            .collect();
+        for ensured in ensuring {
+            ensured.join().unwrap().unwrap();
+        }
+    });
 
     let n_chunks = std::env::var("DESKGRID_TEST_CHUNKS")
         .map_or(DEFAULT_TEST_CHUNKS, |value| value.parse().unwrap());

@@ -480,23 +480,36 @@ impl Hypervisor for LibvirtHypervisor {
             Some(pool) => pool,
             None => {
                 let xml = domain_xml::render_pool_xml(&self.options.pool, &self.options.pool_path);
-                let pool = self.call("define the storage pool", |connection| {
+                match self.call("define the storage pool", |connection| {
                     StoragePool::define_xml(connection, &xml, 0)
-                })?;
-                pool.build(0)
-                    .map_err(libvirt_error("build the storage pool"))?;
-                pool.set_autostart(true)
-                    .map_err(libvirt_error("set the pool to autostart"))?;
-                tracing::info!(pool = %self.options.pool, path = %self.options.pool_path, "storage pool defined");
-                pool
+                }) {
+                    Ok(pool) => {
+                        pool.build(0)
+                            .map_err(libvirt_error("build the storage pool"))?;
+                        pool.set_autostart(true)
+                            .map_err(libvirt_error("set the pool to autostart"))?;
+                        tracing::info!(pool = %self.options.pool, path = %self.options.pool_path, "storage pool defined");
+                        pool
+                    }
+                    // Another process (this server's host worker and policy
+                    // loop both ensure the pool at start, an import too) may
+                    // have defined it a moment ago: use theirs.
+                    Err(error) => self.find_pool()?.ok_or(error)?,
+                }
             }
         };
         if !pool.is_active().map_err(libvirt_error("read pool state"))? {
-            pool.create(0).map_err(|error| ActuatorError::Pool {
-                pool: self.options.pool.clone(),
-                problem: format!("cannot be started: {}", error.message()),
-            })?;
-            tracing::info!(pool = %self.options.pool, "storage pool started");
+            if let Err(error) = pool.create(0) {
+                // Started by another process meanwhile: fine.
+                if !pool.is_active().map_err(libvirt_error("read pool state"))? {
+                    return Err(ActuatorError::Pool {
+                        pool: self.options.pool.clone(),
+                        problem: format!("cannot be started: {}", error.message()),
+                    });
+                }
+            } else {
+                tracing::info!(pool = %self.options.pool, "storage pool started");
+            }
         }
         pool.refresh(0).map_err(libvirt_error("refresh the pool"))?;
         let info = pool.get_info().map_err(libvirt_error("read pool info"))?;
