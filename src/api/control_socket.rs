@@ -201,13 +201,15 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     Ok(listener)
 }
 
-/// Answers requests until `shutdown` turns true.
+/// Answers requests until `shutdown` turns true. `data_dir` is the
+/// server's own (where the manifests an import registers are).
 pub async fn serve(
     listener: UnixListener,
     service: Arc<Mutex<GridService>>,
+    data_dir: DataDir,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let data_dir = Arc::new(data_dir_of(&listener));
+    let data_dir = Arc::new(data_dir);
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
@@ -230,18 +232,10 @@ pub async fn serve(
     }
 }
 
-/// The data directory the socket lives in: it is always
-/// `DATA_DIR/control.sock` ([`DataDir::control_socket`]), so the server's
-/// other files (the manifests an import registers) are beside it.
-fn data_dir_of(listener: &UnixListener) -> Option<DataDir> {
-    let address = listener.local_addr().ok()?;
-    address.as_pathname()?.parent().map(DataDir::new)
-}
-
 async fn handle_connection(
     stream: UnixStream,
     service: Arc<Mutex<GridService>>,
-    data_dir: Arc<Option<DataDir>>,
+    data_dir: Arc<DataDir>,
 ) -> std::io::Result<()> {
     // The socket's mode already keeps other users out; the peer's uid is
     // checked too, so a socket copied or re-permissioned stays private.
@@ -271,7 +265,7 @@ async fn handle_connection(
                 let service = Arc::clone(&service);
                 // State changes fsync: keep them off the async workers.
                 tokio::task::spawn_blocking(move || {
-                    execute(&service, data_dir.as_ref().as_ref(), request.command)
+                    execute(&service, &data_dir, request.command)
                 })
                     .await
                     .unwrap_or_else(|error| ControlResponse::Error(format!("request failed: {error}")))
@@ -286,7 +280,7 @@ async fn handle_connection(
 
 fn execute(
     service: &Mutex<GridService>,
-    data_dir: Option<&DataDir>,
+    data_dir: &DataDir,
     command: ControlCommand,
 ) -> ControlResponse {
     let mut service = match service.lock() {
@@ -345,12 +339,6 @@ fn execute(
             virtual_size,
             parent,
         } => {
-            let Some(data_dir) = data_dir else {
-                return ControlResponse::Error(
-                    "this server does not know its data directory, so it has no manifests"
-                        .to_owned(),
-                );
-            };
             match service.register_image(data_dir, &version, &digest, virtual_size, parent.as_ref())
             {
                 Ok(summary) => ControlResponse::Ok(ControlReply::ImageRegistered(summary)),

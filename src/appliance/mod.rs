@@ -81,6 +81,7 @@ pub async fn serve(data_dir: DataDir) -> anyhow::Result<()> {
     let control = tokio::spawn(control_socket::serve(
         listener,
         Arc::clone(&appliance.service),
+        appliance.data_dir.clone(),
         shutdown.clone(),
     ));
     tracing::info!(path = %socket_path.display(), "control socket listening");
