@@ -19,7 +19,7 @@ pub use names::{GroupName, ImageVersionId, Name, SiteLabel, TemplateName, UserNa
 pub use policy::Policy;
 pub use server::{
     HostCapacity, ImageHolding, JobRecord, JobState, ServerRecord, SessionRecord, TransferRecord,
-    VmRecord, VmState, MAX_JOBS_PER_SERVER,
+    VmRecord, VmState, MAX_JOBS_PER_SERVER, MAX_JOB_TEXT_LEN,
 };
 pub use template::{
     DisplayProtocol, Template, TemplateKind, DEFAULT_MIN_REPLICAS, MAX_DESIRED_VMS,

@@ -24,13 +24,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::model::{ImageHolding, JobRecord, JobState, ServerRecord, MAX_JOBS_PER_SERVER};
+use crate::model::{
+    ImageHolding, JobRecord, JobState, ServerRecord, MAX_JOBS_PER_SERVER, MAX_JOB_TEXT_LEN,
+};
 use crate::placement::{Action, Reason, Step};
-
-/// The longest job text a server record accepts (`MAX_JOB_TEXT_LEN` in
-/// `model/server.rs`, which the model does not export; the unit test
-/// `records_pass_the_models_validation` keeps the two in step).
-pub(crate) const MAX_JOB_TEXT_BYTES: usize = 1_024;
 
 /// Exponential back-off between attempts of a failing job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,7 +165,7 @@ impl JobTable {
                     job.phase = Phase::Failed {
                         retry_at: now + self.backoff.delay(job.attempts),
                     };
-                    job.last_error = Some(truncate(&error, MAX_JOB_TEXT_BYTES));
+                    job.last_error = Some(truncate(&error, MAX_JOB_TEXT_LEN));
                     job.updated_at_ms = now_ms;
                 }
             }
@@ -219,8 +216,8 @@ impl JobTable {
                     summary.push_str(note);
                 }
                 let record = JobRecord {
-                    key: truncate(key, MAX_JOB_TEXT_BYTES),
-                    summary: truncate(&summary, MAX_JOB_TEXT_BYTES),
+                    key: truncate(key, MAX_JOB_TEXT_LEN),
+                    summary: truncate(&summary, MAX_JOB_TEXT_LEN),
                     state,
                     attempts: job.attempts,
                     last_error: job.last_error.clone(),
@@ -520,7 +517,7 @@ mod tests {
         assert_eq!(shown[0].key, "pull-image:base-1");
         assert_eq!(shown[0].state, JobState::Failed);
         let error = shown[0].last_error.as_deref().unwrap();
-        assert!(error.len() <= MAX_JOB_TEXT_BYTES && error.ends_with('…'));
+        assert!(error.len() <= MAX_JOB_TEXT_LEN && error.ends_with('…'));
         assert!(shown[1..].iter().all(|job| job.state != JobState::Failed));
     }
 
@@ -533,7 +530,7 @@ mod tests {
         own.jobs = table.records();
         assert_eq!(own.validate(), Ok(()));
         // One byte more than the limit is refused: the two limits agree.
-        own.jobs[0].last_error = Some("x".repeat(MAX_JOB_TEXT_BYTES + 1));
+        own.jobs[0].last_error = Some("x".repeat(MAX_JOB_TEXT_LEN + 1));
         assert!(own.validate().is_err());
     }
 
