@@ -139,11 +139,4 @@ impl ConnectionIndex {
         ranked.extend(others.into_iter().map(|(.., server)| server));
         ranked
     }
-
-    /// Ready VMs of `template` across the eligible servers.
-    pub fn ready_vms(&self, template: &TemplateName) -> u32 {
-        self.candidates
-            .get(template)
-            .map_or(0, |candidates| candidates.iter().map(|c| c.ready).sum())
-    }
 }
