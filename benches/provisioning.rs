@@ -364,6 +364,7 @@ impl Bench {
             pool: stem.clone(),
             pool_path: pool_path.display().to_string(),
             domain_kind: Some(DomainKind::Qemu),
+            streams_only: false,
         };
         let host = Arc::new(LibvirtHypervisor::connect(options.clone()).context(
             "cannot connect to libvirt (is libvirtd running? bash scripts/setup-host.sh)",

@@ -74,6 +74,11 @@ struct BenchOptions {
     /// Runs, each with a new grid and every baseline.
     #[arg(long, default_value_t = 1)]
     runs: u32,
+    /// How the receiver writes its volume: `auto` (a local `dir` pool's file
+    /// directly) or `streams` (libvirt upload streams, as from an appliance
+    /// VM), its `libvirt.volume_io` setting.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "streams"])]
+    receiver_volume_io: String,
     /// Accepted for `cargo bench`, which passes it to every bench target.
     #[arg(long, hide = true)]
     bench: bool,
@@ -135,7 +140,10 @@ fn main() -> anyhow::Result<()> {
             &data,
             &manifest,
             &image_file,
-            rsync.as_deref(),
+            Receiver {
+                rsync: rsync.as_deref(),
+                volume_io: &options.receiver_volume_io,
+            },
         )
         .with_context(|| format!("run {run}"))?;
         print_table(&rows_with(&rows, &row), data.len());
@@ -169,6 +177,15 @@ struct RunRow {
     vol_upload: f64,
 }
 
+/// What the receiving side of a run uses.
+#[derive(Debug, Clone, Copy)]
+struct Receiver<'a> {
+    /// rsync for baseline (b), when installed.
+    rsync: Option<&'a Path>,
+    /// B's `libvirt.volume_io`.
+    volume_io: &'a str,
+}
+
 fn run_once(
     cleanup: &mut Cleanup,
     root: &Path,
@@ -176,8 +193,12 @@ fn run_once(
     data: &[u8],
     manifest: &Manifest,
     image_file: &Path,
-    rsync: Option<&Path>,
+    receiver: Receiver<'_>,
 ) -> anyhow::Result<RunRow> {
+    let Receiver {
+        rsync,
+        volume_io: receiver_volume_io,
+    } = receiver;
     let load = load_average();
     let suffix = format!("{}-{run}", std::process::id());
     let run_dir = root.join(format!("run-{run}"));
@@ -221,6 +242,21 @@ fn run_once(
     ];
     join.extend(b.settings(&address_b));
     b.run(&join)?;
+    if receiver_volume_io != "auto" {
+        let config_file = b.data_dir.join("config.toml");
+        let config = std::fs::read_to_string(&config_file)?;
+        let changed = config.replace(
+            "volume_io = \"auto\"",
+            &format!("volume_io = \"{receiver_volume_io}\""),
+        );
+        ensure!(
+            changed != config,
+            "no volume_io line in {}",
+            config_file.display()
+        );
+        std::fs::write(&config_file, changed)?;
+        println!("run {run}: B writes its volume with volume_io = {receiver_volume_io:?}");
+    }
     cleanup.servers.push(Serving::start(&b)?);
     wait_until("A and B see each other", CONVERGE_TIMEOUT, || {
         Ok(a.sees("b")?.0 == "alive" && b.sees("a")?.0 == "alive")
@@ -508,6 +544,7 @@ fn seed_image(member: &Member, data: &[u8], manifest: &Manifest) -> anyhow::Resu
         pool: member.pool.clone(),
         pool_path: member.pool_path.display().to_string(),
         domain_kind: Some(DomainKind::Qemu),
+        streams_only: false,
     })?;
     host.ensure_pool()?;
     let image = ImageVersionId::new(IMAGE)?;

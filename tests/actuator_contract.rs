@@ -30,6 +30,7 @@ fn libvirt_on_test_driver(pool: &str) -> LibvirtHypervisor {
         pool: pool.to_owned(),
         pool_path: format!("/deskgrid-test/{pool}"),
         domain_kind: Some(DomainKind::Qemu),
+        streams_only: false,
     })
     .unwrap()
 }
@@ -265,6 +266,7 @@ fn bad_uri_and_missing_pool_are_clear_errors() {
         pool: "deskgrid".to_owned(),
         pool_path: "/nowhere".to_owned(),
         domain_kind: None,
+        streams_only: false,
     })
     .unwrap_err();
     assert!(matches!(error, ActuatorError::Connect { .. }), "{error}");

@@ -398,6 +398,7 @@ fn connect(pool: &str, pool_path: &Path) -> LibvirtHypervisor {
         pool: pool.to_owned(),
         pool_path: pool_path.to_string_lossy().into_owned(),
         domain_kind: Some(DomainKind::Qemu),
+        streams_only: false,
     })
     .unwrap_or_else(|error| {
         panic!(

@@ -68,6 +68,7 @@ fn seed_image(member: &Member, data: &[u8]) -> Manifest {
         pool: member.pool.clone(),
         pool_path: member.pool_path.display().to_string(),
         domain_kind: Some(DomainKind::Qemu),
+        streams_only: false,
     })
     .unwrap();
     host.ensure_pool().unwrap();

@@ -6,7 +6,9 @@
 //! [`AsyncHypervisor`], which runs each call on tokio's blocking pool so no
 //! libvirt call ever stalls an async worker thread.
 
+use std::fs::File;
 use std::io::{Read, Write};
+use std::os::unix::fs::FileExt as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -76,6 +78,80 @@ pub struct DisplayEndpoint {
     pub port: u16,
     /// VNC over websocket (for the browser console), when enabled.
     pub websocket_port: Option<u16>,
+}
+
+/// A raw volume's file, opened on this host for positioned I/O by callers
+/// that do many reads or writes (a pull, a chunk server): the way to the
+/// bytes is decided once, and several threads may read and write at once.
+/// [`Hypervisor::open_volume_file`] hands it out only where the file holds
+/// exactly the bytes the guest sees.
+#[derive(Debug)]
+pub struct VolumeFile {
+    file: File,
+    path: String,
+    capacity: u64,
+}
+
+impl VolumeFile {
+    /// `file` at `path`, a raw volume of `capacity` bytes.
+    pub fn new(file: File, path: String, capacity: u64) -> Self {
+        Self {
+            file,
+            path,
+            capacity,
+        }
+    }
+
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    fn check_range(
+        &self,
+        what: &'static str,
+        offset: u64,
+        length: u64,
+    ) -> Result<(), ActuatorError> {
+        match offset.checked_add(length) {
+            Some(end) if end <= self.capacity => Ok(()),
+            _ => Err(ActuatorError::OutOfBounds {
+                what,
+                name: self.path.clone(),
+                limit: self.capacity,
+            }),
+        }
+    }
+
+    fn error(&self, operation: &'static str) -> impl Fn(std::io::Error) -> ActuatorError + '_ {
+        move |source| ActuatorError::VolumeFile {
+            operation,
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// `length` bytes at `offset`.
+    pub fn read_at(&self, offset: u64, length: u64) -> Result<Vec<u8>, ActuatorError> {
+        self.check_range("a read", offset, length)?;
+        let mut bytes = vec![0u8; usize::try_from(length).unwrap_or(usize::MAX)];
+        self.file
+            .read_exact_at(&mut bytes, offset)
+            .map_err(self.error("a read"))?;
+        Ok(bytes)
+    }
+
+    /// Writes `data` at `offset`; durable only after [`sync`](Self::sync).
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), ActuatorError> {
+        self.check_range("a write", offset, data.len() as u64)?;
+        self.file
+            .write_all_at(data, offset)
+            .map_err(self.error("a write"))
+    }
+
+    /// Makes every write so far durable, whichever thread made it.
+    pub fn sync(&self) -> Result<(), ActuatorError> {
+        self.file.sync_data().map_err(self.error("a sync"))
+    }
 }
 
 /// A byte stream to a guest agent's virtio-serial channel.
@@ -201,6 +277,20 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
     fn sync_volume(&self, name: &VolumeName) -> Result<(), ActuatorError> {
         let _ = name;
         Ok(())
+    }
+
+    /// The volume's file for positioned I/O by one long task, when this host
+    /// allows it (see [`VolumeFile`]); `None` means every read and write
+    /// goes through [`read_volume_at`](Self::read_volume_at) and
+    /// [`write_volume_at`](Self::write_volume_at), one write at a time. The
+    /// default says `None`.
+    fn open_volume_file(
+        &self,
+        name: &VolumeName,
+        write: bool,
+    ) -> Result<Option<VolumeFile>, ActuatorError> {
+        let _ = (name, write);
+        Ok(None)
     }
 
     /// A qcow2 overlay for `vm` whose backing store is the base image.

@@ -37,7 +37,7 @@ use super::domain_xml::{
 };
 use super::hypervisor::{
     ActuatorError, DisplayEndpoint, DomainState, DomainStatus, GuestChannel, Hypervisor, PoolInfo,
-    Progress, ShutdownOutcome, VolumeInfo,
+    Progress, ShutdownOutcome, VolumeFile, VolumeInfo,
 };
 use super::naming::{self, VolumeName};
 use crate::model::{HostCapacity, ImageVersionId, VmId};
@@ -62,6 +62,10 @@ pub struct LibvirtOptions {
     pub pool_path: String,
     /// `None`: KVM when the host's capabilities offer it, else QEMU (TCG).
     pub domain_kind: Option<DomainKind>,
+    /// Move volume bytes through libvirt streams only, even where the
+    /// volume's file is on this host: for a deskgrid whose view of the pool
+    /// directory is not libvirt's, and for comparing the two paths.
+    pub streams_only: bool,
 }
 
 /// A libvirt connection with deskgrid's pool and naming rules.
@@ -116,19 +120,18 @@ impl LibvirtHypervisor {
         };
         tracing::info!(uri = %options.uri, ?domain_kind, "connected to libvirt");
         Ok(Self {
+            direct_volume_io: !options.streams_only,
             options,
             domain_kind,
             connection: Mutex::new(Arc::new(OwnedConnection(connection))),
-            direct_volume_io: true,
             logged_volume_path: Mutex::new(None),
         })
     }
 
-    /// Moves volume bytes through libvirt streams only, even where the
-    /// volume's file is on this host: for a deskgrid whose view of the pool
-    /// directory is not libvirt's, and for comparing the two paths.
+    /// The same host with [`LibvirtOptions::streams_only`] set.
     #[must_use]
     pub fn with_streams_only(mut self) -> Self {
+        self.options.streams_only = true;
         self.direct_volume_io = false;
         self
     }
@@ -739,6 +742,23 @@ impl Hypervisor for LibvirtHypervisor {
             // page cache is written back, and nothing here can hasten it.
             VolumeAccess::Stream => Ok(()),
         }
+    }
+
+    fn open_volume_file(
+        &self,
+        name: &VolumeName,
+        write: bool,
+    ) -> Result<Option<VolumeFile>, ActuatorError> {
+        let pool = self.pool()?;
+        let volume = self.volume(&pool, name)?;
+        let capacity = volume
+            .get_info()
+            .map_err(libvirt_error("read volume info"))?
+            .capacity;
+        Ok(match self.volume_access(&pool, &volume, capacity, write)? {
+            VolumeAccess::File { file, path } => Some(VolumeFile::new(file, path, capacity)),
+            VolumeAccess::Stream => None,
+        })
     }
 
     fn create_linked_clone(

@@ -16,6 +16,6 @@ pub mod naming;
 pub use domain_xml::{DomainKind, DomainSpec, VolumeFormat};
 pub use hypervisor::{
     ActuatorError, AsyncHypervisor, DisplayEndpoint, DomainState, DomainStatus, GuestChannel,
-    Hypervisor, PoolInfo, ShutdownOutcome, VolumeInfo,
+    Hypervisor, PoolInfo, ShutdownOutcome, VolumeFile, VolumeInfo,
 };
 pub use naming::VolumeName;

@@ -105,6 +105,19 @@ pub struct LibvirtSettings {
     /// The libvirt network desktop VMs attach to.
     pub network: String,
     pub domain_type: DomainType,
+    /// How image bytes reach volumes: `auto` writes a local `dir` pool's
+    /// files directly (faster, several writers at once) and uses libvirt
+    /// streams otherwise; `streams` always uses libvirt streams.
+    pub volume_io: VolumeIo,
+}
+
+/// See [`LibvirtSettings::volume_io`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum VolumeIo {
+    #[default]
+    Auto,
+    Streams,
 }
 
 impl Default for LibvirtSettings {
@@ -115,6 +128,7 @@ impl Default for LibvirtSettings {
             pool_path: DEFAULT_POOL_PATH.to_owned(),
             network: "default".to_owned(),
             domain_type: DomainType::Auto,
+            volume_io: VolumeIo::Auto,
         }
     }
 }
@@ -132,6 +146,7 @@ impl LibvirtSettings {
                 DomainType::Kvm => Some(DomainKind::Kvm),
                 DomainType::Qemu => Some(DomainKind::Qemu),
             },
+            streams_only: self.volume_io == VolumeIo::Streams,
         }
     }
 }
@@ -285,6 +300,10 @@ network = {network:?}
 # "kvm", "qemu" (software emulation, slow) or "auto" (kvm when the host
 # offers it). Default: "auto".
 domain_type = "{domain_type}"
+# How image bytes reach volumes: "auto" writes a local `dir` pool's files
+# directly (faster, several writers at once) and uses libvirt streams
+# otherwise; "streams" always uses libvirt streams. Default: "auto".
+volume_io = "{volume_io}"
 "#,
             name = self.server.name,
             site = self.server.site.to_string(),
@@ -302,6 +321,10 @@ domain_type = "{domain_type}"
                 DomainType::Auto => "auto",
                 DomainType::Kvm => "kvm",
                 DomainType::Qemu => "qemu",
+            },
+            volume_io = match self.libvirt.volume_io {
+                VolumeIo::Auto => "auto",
+                VolumeIo::Streams => "streams",
             },
         )
     }
@@ -353,6 +376,7 @@ mod tests {
         config.server.seeds = vec!["10.0.0.5:7443".into(), "grid-a.example:7443".into()];
         config.server.site = SiteLabel::new("paris").unwrap();
         config.libvirt.domain_type = DomainType::Qemu;
+        config.libvirt.volume_io = VolumeIo::Streams;
         let text = config.to_commented_toml();
         let parsed: Config = toml::from_str(&text).unwrap();
         assert_eq!(parsed, config);
@@ -396,6 +420,8 @@ mod tests {
     fn an_empty_file_means_all_defaults() {
         let parsed: Config = toml::from_str("").unwrap();
         assert_eq!(parsed.libvirt.uri, "qemu:///system");
+        assert_eq!(parsed.libvirt.volume_io, VolumeIo::Auto);
+        assert!(!parsed.libvirt.libvirt_options().streams_only);
         assert_eq!(parsed.server.listen.port(), DEFAULT_PEER_PORT);
     }
 

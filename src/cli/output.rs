@@ -196,7 +196,12 @@ impl Output {
                 for server in &status.servers {
                     for (image, transfer) in &server.transfers {
                         println!(
-                            "pulling {image} on {}: {}% of {} MiB at {} MB/s from {}",
+                            "pulling {image}{} on {}: {}% of {} MiB at {} MB/s from {}",
+                            if transfer.difference_disk {
+                                " (difference disk)"
+                            } else {
+                                ""
+                            },
                             server.name,
                             (transfer.bytes_done * 100)
                                 .checked_div(transfer.bytes_total)

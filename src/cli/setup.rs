@@ -39,6 +39,7 @@ fn config_from(settings: ServerSettingsArgs) -> anyhow::Result<Config> {
             pool_path: settings.pool_path,
             network: settings.network,
             domain_type: settings.domain_type,
+            ..LibvirtSettings::default()
         },
     };
     config

@@ -88,6 +88,10 @@ pub struct TransferRecord {
     /// Names of the servers it pulls from.
     pub sources: Vec<String>,
     pub started_at_ms: u64,
+    /// Fetching the version's difference disk (the bytes are the
+    /// compressed overlay's), not its chunks.
+    #[serde(default)]
+    pub difference_disk: bool,
 }
 
 pub const MAX_TRANSFER_SOURCES: usize = 64;

@@ -307,62 +307,17 @@ impl ImagePuller for GridImagePuller {
                     )) as Arc<dyn ChunkPeer>
                 })
                 .collect();
-            let recording = Arc::clone(&puller.service);
-            let id = image.id.clone();
-            let source_names = {
-                let service = lock(&puller.service);
-                sources
-                    .iter()
-                    .map(|source| {
-                        let server = source.server();
-                        service
-                            .state
-                            .server(server)
-                            .map_or_else(|| server.to_string(), |record| record.name.clone())
-                    })
-                    .collect::<Vec<_>>()
+            let source_ids: Vec<ServerId> = sources.iter().map(|source| source.server()).collect();
+            let recorder = Arc::new(TransferRecorder::new(
+                &puller.service,
+                &image.id,
+                &source_ids,
+                false,
+            ));
+            let on_progress: ProgressCallback = {
+                let recorder = Arc::clone(&recorder);
+                Arc::new(move |progress| recorder.record(progress.bytes_done, progress.bytes_total))
             };
-            let started = std::time::Instant::now();
-            let started_at_ms = now_ms();
-            let first_done = std::sync::Mutex::new(None::<u64>);
-            let on_progress: ProgressCallback = Arc::new(move |progress| {
-                // The rate of this run of the pull (a resumed pull starts
-                // from what it already had).
-                let first = *first_done
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .get_or_insert(progress.bytes_done);
-                let seconds = started.elapsed().as_secs_f64();
-                let rate = if seconds > 0.0 {
-                    (progress.bytes_done.saturating_sub(first) as f64 / seconds) as u64
-                } else {
-                    0
-                };
-                // Only a pull the record shows is updated: a copy dropped
-                // meanwhile is not brought back.
-                let updated = lock(&recording).update_own_record(&mut |record| {
-                    if let Some(holding @ ImageHolding::Partial { .. }) = record.images.get_mut(&id)
-                    {
-                        *holding = ImageHolding::Partial {
-                            bytes_done: progress.bytes_done,
-                            bytes_total: progress.bytes_total,
-                        };
-                        record.transfers.insert(
-                            id.clone(),
-                            TransferRecord {
-                                bytes_done: progress.bytes_done,
-                                bytes_total: progress.bytes_total,
-                                rate_bytes_per_s: rate,
-                                sources: source_names.clone(),
-                                started_at_ms,
-                            },
-                        );
-                    }
-                });
-                if let Err(error) = updated {
-                    tracing::debug!(image = %id, error = %crate::error_chain(&error), "cannot record pull progress");
-                }
-            });
             let result = pull_image(
                 &image,
                 sources,
@@ -373,21 +328,109 @@ impl ImagePuller for GridImagePuller {
             )
             .await;
             // Done or stopped: no longer a transfer in progress.
-            let clearing = Arc::clone(&puller.service);
-            let id = image.id.clone();
-            let cleared = tokio::task::spawn_blocking(move || {
-                lock(&clearing).update_own_record(&mut |record| {
-                    record.transfers.remove(&id);
-                })
-            })
-            .await;
-            if let Ok(Err(error)) = cleared {
-                tracing::debug!(image = %image.id, error = %crate::error_chain(&error), "cannot clear the transfer record");
-            }
+            let _ = tokio::task::spawn_blocking(move || recorder.clear()).await;
             result
                 .map(|_| ())
                 .map_err(|error| crate::error_chain(&error))
         })
+    }
+}
+
+/// Shows one transfer of this server in its record ([`TransferRecord`]),
+/// for every admin to see: bytes, rate and sources. Calls block briefly
+/// (the service lock): from the blocking pool.
+struct TransferRecorder {
+    service: Arc<Mutex<GridService>>,
+    image: ImageVersionId,
+    sources: Vec<String>,
+    difference_disk: bool,
+    started: std::time::Instant,
+    started_at_ms: u64,
+    /// Bytes done at the first report: a resumed pull's rate counts only
+    /// what this run moved.
+    first_done: std::sync::Mutex<Option<u64>>,
+}
+
+impl TransferRecorder {
+    fn new(
+        service: &Arc<Mutex<GridService>>,
+        image: &ImageVersionId,
+        sources: &[ServerId],
+        difference_disk: bool,
+    ) -> Self {
+        let sources = {
+            let service = lock(service);
+            sources
+                .iter()
+                .map(|server| {
+                    service
+                        .state
+                        .server(*server)
+                        .map_or_else(|| server.to_string(), |record| record.name.clone())
+                })
+                .collect()
+        };
+        Self {
+            service: Arc::clone(service),
+            image: image.clone(),
+            sources,
+            difference_disk,
+            started: std::time::Instant::now(),
+            started_at_ms: now_ms(),
+            first_done: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn record(&self, bytes_done: u64, bytes_total: u64) {
+        let first = *self
+            .first_done
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get_or_insert(bytes_done);
+        let seconds = self.started.elapsed().as_secs_f64();
+        let rate = if seconds > 0.0 {
+            (bytes_done.saturating_sub(first) as f64 / seconds) as u64
+        } else {
+            0
+        };
+        let id = &self.image;
+        // Only a pull the record shows is updated: a copy dropped meanwhile
+        // is not brought back.
+        let updated = lock(&self.service).update_own_record(&mut |record| {
+            if let Some(holding @ ImageHolding::Partial { .. }) = record.images.get_mut(id) {
+                if !self.difference_disk {
+                    *holding = ImageHolding::Partial {
+                        bytes_done,
+                        bytes_total,
+                    };
+                }
+                record.transfers.insert(
+                    id.clone(),
+                    TransferRecord {
+                        bytes_done,
+                        bytes_total,
+                        rate_bytes_per_s: rate,
+                        sources: self.sources.clone(),
+                        started_at_ms: self.started_at_ms,
+                        difference_disk: self.difference_disk,
+                    },
+                );
+            }
+        });
+        if let Err(error) = updated {
+            tracing::debug!(image = %id, error = %crate::error_chain(&error), "cannot record transfer progress");
+        }
+    }
+
+    /// Done or stopped: no longer a transfer in progress.
+    fn clear(&self) {
+        let id = &self.image;
+        let cleared = lock(&self.service).update_own_record(&mut |record| {
+            record.transfers.remove(id);
+        });
+        if let Err(error) = cleared {
+            tracing::debug!(image = %id, error = %crate::error_chain(&error), "cannot clear the transfer record");
+        }
     }
 }
 
@@ -456,10 +499,17 @@ impl GridImagePuller {
             .join(format!("diff-{}.qcow2.zst.part", image.id));
         let mut fetched = None;
         for (server, address) in holders {
-            match self
-                .fetch_diff(endpoint, *server, *address, image, &compressed)
-                .await
-            {
+            let recorder = Arc::new(TransferRecorder::new(
+                &self.service,
+                &image.id,
+                &[*server],
+                true,
+            ));
+            let outcome = self
+                .fetch_diff(endpoint, *server, *address, image, &compressed, &recorder)
+                .await;
+            let _ = tokio::task::spawn_blocking(move || recorder.clear()).await;
+            match outcome {
                 Ok(wire_bytes) => {
                     fetched = Some((*server, wire_bytes));
                     break;
@@ -518,6 +568,7 @@ impl GridImagePuller {
         address: SocketAddr,
         image: &BaseImage,
         target: &std::path::Path,
+        recorder: &Arc<TransferRecorder>,
     ) -> Result<u64, String> {
         let limit = image.virtual_size;
         let connection = endpoint
@@ -563,6 +614,8 @@ impl GridImagePuller {
             .map_err(|error| format!("the write stopped: {error}"))?
             .map_err(|error| format!("cannot write {}: {error}", target.display()))?;
             offset = end;
+            let (done, total, recording) = (offset, part.total, Arc::clone(recorder));
+            let _ = tokio::task::spawn_blocking(move || recording.record(done, total)).await;
             if offset == part.total {
                 break;
             }
@@ -776,6 +829,73 @@ mod tests {
 
     /// What wakes the policy loop: a local write, a peer's delta, a change
     /// of the membership view; the same membership news twice does not.
+    #[test]
+    fn transfers_show_in_the_record_while_they_run_and_not_after() {
+        let temp = tempfile::tempdir().unwrap();
+        let server_id = ServerId::random();
+        let (mut service, _) = GridService::open(server_id, temp.path()).unwrap();
+        let config = Config {
+            server: ServerSettings::default(),
+            libvirt: LibvirtSettings::default(),
+        };
+        service.publish_own_record(&config).unwrap();
+        let image = ImageVersionId::new("base-2").unwrap();
+        let partial = ImageHolding::Partial {
+            bytes_done: 0,
+            bytes_total: 100,
+        };
+        service
+            .update_own_record(&mut |record| {
+                record.images.insert(image.clone(), partial.clone());
+            })
+            .unwrap();
+        let service = Arc::new(Mutex::new(service));
+        let own = || lock(&service).state.server(server_id).unwrap().clone();
+
+        let chunks = TransferRecorder::new(&service, &image, &[server_id], false);
+        chunks.record(40, 100);
+        let record = own();
+        let transfer = &record.transfers[&image];
+        assert_eq!((transfer.bytes_done, transfer.bytes_total), (40, 100));
+        assert!(!transfer.difference_disk);
+        assert_eq!(transfer.sources, vec![record.name.clone()]);
+        assert_eq!(
+            record.images[&image],
+            ImageHolding::Partial {
+                bytes_done: 40,
+                bytes_total: 100
+            },
+            "a chunk pull's bytes are the image's"
+        );
+        chunks.clear();
+        assert!(own().transfers.is_empty());
+
+        // A difference disk's bytes are the overlay's, not the image's.
+        let diff = TransferRecorder::new(&service, &image, &[server_id], true);
+        diff.record(7, 9);
+        let record = own();
+        assert!(record.transfers[&image].difference_disk);
+        assert_eq!(record.transfers[&image].bytes_done, 7);
+        assert_eq!(
+            record.images[&image],
+            ImageHolding::Partial {
+                bytes_done: 40,
+                bytes_total: 100
+            }
+        );
+        diff.clear();
+
+        // A copy dropped meanwhile is not brought back by a late report.
+        lock(&service)
+            .update_own_record(&mut |record| {
+                record.images.remove(&image);
+            })
+            .unwrap();
+        chunks.record(60, 100);
+        assert!(own().transfers.is_empty());
+        assert!(!own().images.contains_key(&image));
+    }
+
     #[test]
     fn every_kind_of_state_change_is_seen() {
         use crate::federation::node::GridStateAccess;

@@ -15,9 +15,11 @@
 //!    then written at its offset. A chunk that fails (bad bytes, no answer)
 //!    is fetched again from another holder; the bad holder is logged with a
 //!    warning, and dropped for this pull after repeated faults.
-//!    Writes go one at a time: libvirt refuses a second upload stream into
-//!    a volume while one is open ("volume is still in use"), so fetching,
-//!    decoding and hashing run in parallel and only the write is queued.
+//!    Where the host lets deskgrid open the volume's file (a local `dir`
+//!    pool, [`Hypervisor::open_volume_file`]), chunks are written into it
+//!    from every stream at once; through libvirt streams they go one at a
+//!    time, since libvirt refuses a second upload into a volume while one
+//!    is open ("volume is still in use"), and then only the write is queued.
 //! 4. Progress: the bitmap of written chunks is saved (atomically) before a
 //!    stream takes its next chunk, several streams' chunks per save, so a
 //!    restart refetches at most one chunk per stream beyond what was
@@ -41,7 +43,7 @@ use super::codec::{self, CodecError};
 use super::progress::{ChunkBitmap, ProgressError, ProgressFile};
 use super::schedule::{ChunkSchedule, Fault, ScheduleLimits};
 use super::{ChunkEntry, Manifest, ManifestError, ManifestStore, ManifestStoreError};
-use crate::actuator::{ActuatorError, Hypervisor, VolumeFormat, VolumeName};
+use crate::actuator::{ActuatorError, Hypervisor, VolumeFile, VolumeFormat, VolumeName};
 use crate::federation::{
     request_chunk, request_manifest, ChunkReply, ImageRequestError, PeerEndpoint,
     CHUNK_REQUESTS_PER_PEER,
@@ -306,6 +308,15 @@ pub async fn pull_image(
     }
     let progress_file = ProgressFile::new(transfer_dir, &id);
     let mut bitmap = prepare_volume(&id, &digest, &manifest, &host, &progress_file).await?;
+    let writer = {
+        let (host, image) = (Arc::clone(&host), id.clone());
+        blocking(move || ChunkWriter::open(&host, &image))
+            .await?
+            .map_err(|source| PullError::Volume {
+                image: id.clone(),
+                source,
+            })?
+    };
     if !kept {
         // After the volume: a pool without room is refused before anything
         // is written. Kept for resuming, and for serving once complete.
@@ -339,6 +350,10 @@ pub async fn pull_image(
         chunks_already_here,
         chunks_to_fetch = missing.len(),
         streams = sources.len() as u64 * u64::from(settings.streams_per_source),
+        writes = match &writer {
+            ChunkWriter::File(_) => "into the volume file, concurrent",
+            ChunkWriter::Host { .. } => "through the host, one at a time",
+        },
         "pulling image"
     );
 
@@ -347,13 +362,12 @@ pub async fn pull_image(
         image: id.clone(),
         digest,
         manifest: Arc::clone(&manifest),
-        host,
         sources,
         settings: settings.clone(),
         progress_file,
         bitmap,
         on_progress,
-        write_turn: Arc::default(),
+        writer: Arc::new(writer),
         schedule: ChunkSchedule::new(
             missing,
             n_sources,
@@ -501,21 +515,69 @@ async fn prepare_volume(
 const WRITE_ATTEMPTS: u32 = 6;
 const FIRST_WRITE_RETRY: Duration = Duration::from_millis(10);
 
-/// Writes `data` at `offset` of `image`'s base volume, retrying what
-/// libvirt may refuse for a moment (never a full pool or a missing volume).
+/// How verified chunks reach the base volume: its file, written from every
+/// stream at once, or the host's calls, one write at a time. Decided once
+/// per pull (asking the host which way costs several libvirt calls).
+#[derive(Debug)]
+enum ChunkWriter {
+    File(VolumeFile),
+    Host {
+        host: Arc<dyn Hypervisor>,
+        name: VolumeName,
+        /// Held while a chunk is written: one upload stream at a time.
+        turn: std::sync::Mutex<()>,
+    },
+}
+
+impl ChunkWriter {
+    fn open(host: &Arc<dyn Hypervisor>, image: &ImageVersionId) -> Result<Self, ActuatorError> {
+        let name = VolumeName::Base(image.clone());
+        Ok(match host.open_volume_file(&name, true)? {
+            Some(file) => Self::File(file),
+            None => Self::Host {
+                host: Arc::clone(host),
+                name,
+                turn: std::sync::Mutex::new(()),
+            },
+        })
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), ActuatorError> {
+        match self {
+            Self::File(file) => file.write_at(offset, data),
+            Self::Host { host, name, turn } => {
+                // Guards nothing but the turn: a panic elsewhere leaves it usable.
+                let _turn = turn
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                write_chunk(host.as_ref(), name, offset, data)
+            }
+        }
+    }
+
+    /// Makes the chunks written so far durable.
+    fn sync(&self) -> Result<(), ActuatorError> {
+        match self {
+            Self::File(file) => file.sync(),
+            Self::Host { host, name, .. } => host.sync_volume(name),
+        }
+    }
+}
+
+/// Writes `data` at `offset` of the volume `name`, retrying what libvirt
+/// may refuse for a moment (never a full pool or a missing volume).
 fn write_chunk(
     host: &dyn Hypervisor,
-    image: &ImageVersionId,
+    name: &VolumeName,
     offset: u64,
     data: &[u8],
 ) -> Result<(), ActuatorError> {
-    let name = VolumeName::Base(image.clone());
     let mut retry = FIRST_WRITE_RETRY;
     let mut attempt = 1;
     loop {
-        match host.write_volume_at(&name, offset, data) {
+        match host.write_volume_at(name, offset, data) {
             Err(error @ ActuatorError::Libvirt { .. }) if attempt < WRITE_ATTEMPTS => {
-                tracing::debug!(%image, offset, attempt, error = %crate::error_chain(&error), "chunk write refused; trying again");
+                tracing::debug!(volume = %name, offset, attempt, error = %crate::error_chain(&error), "chunk write refused; trying again");
                 std::thread::sleep(retry);
                 retry *= 2;
                 attempt += 1;
@@ -530,15 +592,13 @@ struct PullRun {
     image: ImageVersionId,
     digest: ImageDigest,
     manifest: Arc<Manifest>,
-    host: Arc<dyn Hypervisor>,
     sources: Vec<Arc<dyn ChunkPeer>>,
     settings: PullSettings,
     progress_file: ProgressFile,
     /// Chunks in the volume (zero chunks included).
     bitmap: ChunkBitmap,
     on_progress: ProgressCallback,
-    /// Held while a chunk is written: one upload stream at a time.
-    write_turn: Arc<std::sync::Mutex<()>>,
+    writer: Arc<ChunkWriter>,
     schedule: ChunkSchedule,
     /// Per source: bytes delivered and what they took on the wire.
     per_source: Vec<(u64, u64)>,
@@ -570,8 +630,7 @@ impl PullRun {
                             image: self.image.clone(),
                             index,
                             manifest: Arc::clone(&self.manifest),
-                            host: Arc::clone(&self.host),
-                            write_turn: Arc::clone(&self.write_turn),
+                            writer: Arc::clone(&self.writer),
                             deadline: self.settings.request_deadline,
                         }));
                     }
@@ -695,14 +754,14 @@ impl PullRun {
 
     fn spawn_save(&self) -> JoinHandle<Result<(), ProgressError>> {
         let (file, digest, bitmap) = (self.progress_file.clone(), self.digest, self.bitmap.clone());
-        let (host, volume) = (Arc::clone(&self.host), VolumeName::Base(self.image.clone()));
+        let (writer, image) = (Arc::clone(&self.writer), self.image.clone());
         tokio::task::spawn_blocking(move || {
             // The bitmap may only claim chunks that are on disk: sync them
             // first (a no-op where libvirt streams wrote them). If that
             // fails the bitmap is not saved this time; the chunks are
             // fetched again after a crash, never trusted unsynced.
-            if let Err(error) = host.sync_volume(&volume) {
-                tracing::warn!(%volume, error = %crate::error_chain(&error), "cannot sync the volume; progress not recorded this time");
+            if let Err(error) = writer.sync() {
+                tracing::warn!(%image, error = %crate::error_chain(&error), "cannot sync the base volume; progress not recorded this time");
                 return Ok(());
             }
             file.save(&digest, &bitmap)
@@ -765,8 +824,7 @@ struct ChunkJob {
     image: ImageVersionId,
     index: u64,
     manifest: Arc<Manifest>,
-    host: Arc<dyn Hypervisor>,
-    write_turn: Arc<std::sync::Mutex<()>>,
+    writer: Arc<ChunkWriter>,
     deadline: Duration,
 }
 
@@ -778,8 +836,7 @@ async fn fetch_one(job: ChunkJob) -> ChunkOutcome {
         image,
         index,
         manifest,
-        host,
-        write_turn,
+        writer,
         deadline,
     } = job;
     let result = async {
@@ -806,11 +863,7 @@ async fn fetch_one(job: ChunkJob) -> ChunkOutcome {
             let data = codec::decode(reply.encoding, reply.data, limit)
                 .map_err(|error| ChunkFailure::Bad(BadChunk::Undecodable(error)))?;
             manifest.verify_chunk(index, &data).map_err(bad)?;
-            // Guards nothing but the turn: a panic elsewhere leaves it usable.
-            let _turn = write_turn
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            write_chunk(host.as_ref(), &image, offset, &data).map_err(|source| {
+            writer.write(offset, &data).map_err(|source| {
                 ChunkFailure::Local(Box::new(PullError::Write {
                     image: image.clone(),
                     index,

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use super::{codec, ChunkEntry, Encoding, Manifest, ManifestStore, ManifestStoreError};
-use crate::actuator::{ActuatorError, Hypervisor, VolumeName};
+use crate::actuator::{ActuatorError, Hypervisor, VolumeFile, VolumeName};
 use crate::federation::{ChunkRefusal, ChunkSource, DiffPart, MAX_DIFF_PART_BYTES};
 use crate::model::{ImageDigest, ImageVersionId, ServerId};
 
@@ -71,6 +71,8 @@ enum ServeError {
     DiffRead(#[source] std::io::Error),
 }
 
+type VolumeFiles = BTreeMap<ImageVersionId, (ImageDigest, Option<Arc<VolumeFile>>)>;
+
 /// Answers peers' manifest and chunk requests from this server's pool.
 pub struct ChunkServer {
     /// Set once the policy loop has connected to libvirt; until then
@@ -83,6 +85,11 @@ pub struct ChunkServer {
     /// Manifests already verified, by version, with the digest they were
     /// verified against (read from disk again if the grid's digest moved).
     verified: Mutex<BTreeMap<ImageVersionId, (ImageDigest, Arc<Manifest>)>>,
+    /// Per version held, how its volume is read, decided at the first chunk
+    /// (asking the host costs several libvirt calls): its file, or the
+    /// host's calls (`None`). Dropped with the manifest when the version
+    /// is no longer held.
+    volume_files: Mutex<VolumeFiles>,
     corrupt_every: Option<NonZeroU64>,
     served: AtomicU64,
 }
@@ -107,6 +114,7 @@ impl ChunkServer {
             diffs_dir: None,
             images,
             verified: Mutex::new(BTreeMap::new()),
+            volume_files: Mutex::new(BTreeMap::new()),
             corrupt_every: None,
             served: AtomicU64::new(0),
         }
@@ -156,6 +164,44 @@ impl ChunkServer {
 
     fn forget(&self, image: &ImageVersionId) {
         self.cache().remove(image);
+        self.files().remove(image);
+    }
+
+    fn files(&self) -> std::sync::MutexGuard<'_, VolumeFiles> {
+        // Holds whole values only, like `cache`.
+        self.volume_files
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// `length` bytes at `offset` of `image`'s base volume, held with
+    /// `digest`: from its file when the host allows, else through the host.
+    fn read_volume(
+        &self,
+        host: &dyn Hypervisor,
+        image: &ImageVersionId,
+        digest: ImageDigest,
+        offset: u64,
+        length: u64,
+    ) -> Result<Vec<u8>, ActuatorError> {
+        let name = VolumeName::Base(image.clone());
+        let known = self
+            .files()
+            .get(image)
+            .filter(|(known, _)| *known == digest)
+            .map(|(_, file)| file.clone());
+        let file = match known {
+            Some(file) => file,
+            None => {
+                let file = host.open_volume_file(&name, false)?.map(Arc::new);
+                self.files().insert(image.clone(), (digest, file.clone()));
+                file
+            }
+        };
+        match file {
+            Some(file) => file.read_at(offset, length),
+            None => host.read_volume_at(&name, offset, length),
+        }
     }
 
     fn cache(
@@ -169,10 +215,18 @@ impl ChunkServer {
 
     /// The manifest of a version held complete, verified against the grid.
     fn verified_manifest(&self, image: &ImageVersionId) -> Result<Arc<Manifest>, ChunkRefusal> {
+        self.verified(image).map(|(_, manifest)| manifest)
+    }
+
+    /// The digest of a version held complete and its manifest, verified.
+    fn verified(
+        &self,
+        image: &ImageVersionId,
+    ) -> Result<(ImageDigest, Arc<Manifest>), ChunkRefusal> {
         let digest = self.held_digest(image)?;
         if let Some((known, manifest)) = self.cache().get(image) {
             if *known == digest {
-                return Ok(Arc::clone(manifest));
+                return Ok((digest, Arc::clone(manifest)));
             }
         }
         let unavailable = |error: ServeError| ChunkRefusal::Unavailable {
@@ -187,7 +241,7 @@ impl ChunkServer {
         let manifest = Arc::new(manifest);
         self.cache()
             .insert(image.clone(), (digest, Arc::clone(&manifest)));
-        Ok(manifest)
+        Ok((digest, manifest))
     }
 }
 
@@ -203,7 +257,7 @@ impl ChunkSource for ChunkServer {
         image: &ImageVersionId,
         index: u64,
     ) -> Result<(Encoding, Vec<u8>), ChunkRefusal> {
-        let manifest = self.verified_manifest(image)?;
+        let (digest, manifest) = self.verified(image)?;
         let (offset, length) =
             manifest
                 .chunk_range(index)
@@ -226,8 +280,8 @@ impl ChunkSource for ChunkServer {
             .host
             .get()
             .ok_or_else(|| unavailable(ServeError::HostNotReady))?;
-        let mut data = host
-            .read_volume_at(&VolumeName::Base(image.clone()), offset, length)
+        let mut data = self
+            .read_volume(host.as_ref(), image, digest, offset, length)
             .map_err(|error| unavailable(ServeError::Read(error)))?;
         let served = self.served.fetch_add(1, Ordering::Relaxed) + 1;
         if let Some(every) = self.corrupt_every {
