@@ -25,44 +25,28 @@
 //! `dg-bench-xfer-<pid>-<run>-a|b` under /var/tmp); everything is removed at
 //! the end, on error, on panic and on Ctrl-C.
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::fs::File;
-use std::io::{BufRead as _, Read, Write};
-use std::net::{TcpListener, TcpStream, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context as _};
+use anyhow::{ensure, Context as _};
 use clap::Parser;
-use deskgrid::actuator::libvirt::{LibvirtHypervisor, LibvirtOptions};
-use deskgrid::actuator::{DomainKind, Hypervisor, VolumeFormat};
-use deskgrid::appliance::data_dir::DataDir;
-use deskgrid::model::{BaseImage, ImageHolding, ImageState, ImageVersionId};
-use deskgrid::service::GridService;
-use deskgrid::state::ConfigValue;
+use common::{
+    check_interrupted, disk_like_image, fields, free_tcp_port, free_udp_port,
+    install_signal_handler, load_average, remove_pools, same_file, seed_image, virsh, wait_until,
+    which, zstd_size, Cleanup, Member, Serving, CONVERGE_TIMEOUT, MIB, START_TIMEOUT, TCP_BUFFER,
+};
 use deskgrid::transfer::manifest::{manifest_of, DEFAULT_CHUNK_SIZE};
-use deskgrid::transfer::{Manifest, ManifestStore};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
-use virt::connect::Connect;
-use virt::storage_pool::StoragePool;
+use deskgrid::transfer::Manifest;
 
-const DESKGRID: &str = env!("CARGO_BIN_EXE_deskgrid");
-const URI: &str = "qemu:///system";
-const MIB: usize = 1 << 20;
 const IMAGE: &str = "bench-image";
-/// Generous for a loaded 2-core machine; a healthy step takes a fraction.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
-const CONVERGE_TIMEOUT: Duration = Duration::from_secs(60);
 /// 2 GiB at a pessimistic 20 MB/s.
 const PULL_TIMEOUT: Duration = Duration::from_secs(600);
-/// Copy buffer of the raw TCP baseline: large enough that syscalls cost
-/// nothing next to the bytes.
-const TCP_BUFFER: usize = MIB;
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 /// Transfer benchmark: deskgrid's pull against raw TCP, rsync and virsh vol-upload.
 #[derive(Debug, Parser)]
@@ -87,16 +71,12 @@ struct BenchOptions {
 fn main() -> anyhow::Result<()> {
     let options = BenchOptions::parse();
     ensure!(options.size_mib >= 64, "--size-mib must be at least 64");
-    install_signal_handler();
+    install_signal_handler("dg-bench-xfer-* in virsh pool-list");
     let work = tempfile::Builder::new()
         .prefix("dg-bench-xfer-")
         .tempdir_in("/var/tmp")
         .context("work directory under /var/tmp")?;
-    let mut cleanup = Cleanup {
-        servers: Vec::new(),
-        pools: Vec::new(),
-        work: Some(work),
-    };
+    let mut cleanup = Cleanup::new(work);
     let root = cleanup
         .work
         .as_ref()
@@ -203,7 +183,8 @@ fn run_once(
     let suffix = format!("{}-{run}", std::process::id());
     let run_dir = root.join(format!("run-{run}"));
     std::fs::create_dir_all(&run_dir)?;
-    let [a, b] = ["a", "b"].map(|name| Member::new(&run_dir, &suffix, name));
+    let pool_prefix = format!("dg-bench-xfer-{suffix}");
+    let [a, b] = ["a", "b"].map(|name| Member::new(&run_dir, &pool_prefix, name));
     cleanup.pools.extend([a.pool.clone(), b.pool.clone()]);
 
     // A: a new grid holding the image.
@@ -219,7 +200,7 @@ fn run_once(
     init.extend(a.settings(&address_a));
     a.run(&init)?;
     let seeded = Instant::now();
-    seed_image(&a, data, manifest)?;
+    seed_image(&a, IMAGE, data, manifest)?;
     println!(
         "run {run}: image seeded in A's pool in {:.1} s",
         seeded.elapsed().as_secs_f64()
@@ -229,11 +210,7 @@ fn run_once(
 
     // B joins, then is told to hold the image.
     let address_b = format!("127.0.0.1:{}", free_udp_port()?);
-    let token = {
-        let output = a.output(&["--output", "json", "token", "create"])?;
-        let created: serde_json::Value = serde_json::from_slice(&output.stdout)?;
-        created["token"].as_str().context("no token")?.to_owned()
-    };
+    let token = a.token()?;
     let mut join = vec![
         "join".to_owned(),
         address_a.clone(),
@@ -440,137 +417,6 @@ fn print_table(rows: &[RunRow], image_bytes: usize) {
     println!();
 }
 
-/// A disk-like image of `size` bytes: runs of 1 to 24 MiB, a third of them
-/// all zeros, half real file content (files under /usr/lib and /usr/share,
-/// in directory order, each at most 8 MiB), a sixth pseudo-random.
-fn disk_like_image(size: usize) -> anyhow::Result<Vec<u8>> {
-    let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
-    let corpus = file_corpus(size / 2 + 24 * MIB)?;
-    let mut corpus_at = 0;
-    let mut data = vec![0u8; size];
-    let mut at = 0;
-    while at < size {
-        let run = ((1 + next() % 24) as usize * MIB).min(size - at);
-        let region = &mut data[at..at + run];
-        match next() % 6 {
-            0 | 1 => {}
-            2..=4 => {
-                for byte in region.iter_mut() {
-                    *byte = corpus[corpus_at % corpus.len()];
-                    corpus_at += 1;
-                }
-            }
-            _ => {
-                for word in region.chunks_mut(8) {
-                    word.copy_from_slice(&next().to_le_bytes()[..word.len()]);
-                }
-            }
-        }
-        at += run;
-    }
-    Ok(data)
-}
-
-/// About `want` bytes of the regular files under /usr/lib and /usr/share.
-fn file_corpus(want: usize) -> anyhow::Result<Vec<u8>> {
-    /// One big file (a firmware blob, a locale archive) must not be most of
-    /// the corpus: an OS disk is many files.
-    const FILE_CAP: u64 = 8 << 20;
-    let mut corpus = Vec::with_capacity(want);
-    let mut stack = vec![PathBuf::from("/usr/share"), PathBuf::from("/usr/lib")];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        let mut entries: Vec<_> = entries.filter_map(Result::ok).collect();
-        entries.sort_by_key(|entry| std::cmp::Reverse(entry.file_name()));
-        for entry in entries {
-            let Ok(kind) = entry.file_type() else {
-                continue;
-            };
-            if kind.is_dir() {
-                stack.push(entry.path());
-            } else if kind.is_file() {
-                if let Ok(file) = File::open(entry.path()) {
-                    let _ = file.take(FILE_CAP).read_to_end(&mut corpus);
-                }
-                if corpus.len() >= want {
-                    return Ok(corpus);
-                }
-            }
-        }
-    }
-    ensure!(
-        corpus.len() >= MIB,
-        "found only {} bytes under /usr",
-        corpus.len()
-    );
-    Ok(corpus)
-}
-
-fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
-    // xorshift64*: fast, and plenty for choosing regions and random bytes.
-    move || {
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        state.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
-/// The size of `data` compressed by zstd level 1 as one stream.
-fn zstd_size(data: &[u8]) -> anyhow::Result<u64> {
-    #[derive(Debug, Default)]
-    struct Counter(u64);
-    impl Write for Counter {
-        fn write(&mut self, buffer: &[u8]) -> std::io::Result<usize> {
-            self.0 += buffer.len() as u64;
-            Ok(buffer.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut encoder = zstd::stream::Encoder::new(Counter::default(), 1)?;
-    encoder.write_all(data)?;
-    Ok(encoder.finish()?.0)
-}
-
-/// Puts `data` into A's pool as the raw base volume, keeps its manifest and
-/// registers the version as held complete by A, as tests/transfer_grid.rs does.
-fn seed_image(member: &Member, data: &[u8], manifest: &Manifest) -> anyhow::Result<()> {
-    let host = LibvirtHypervisor::connect(LibvirtOptions {
-        uri: URI.to_owned(),
-        pool: member.pool.clone(),
-        pool_path: member.pool_path.display().to_string(),
-        domain_kind: Some(DomainKind::Qemu),
-        streams_only: false,
-    })?;
-    host.ensure_pool()?;
-    let image = ImageVersionId::new(IMAGE)?;
-    host.import_base_image(
-        &image,
-        VolumeFormat::Raw,
-        data.len() as u64,
-        &mut &data[..],
-        &mut |_| {},
-    )?;
-    let dir = DataDir::new(&member.data_dir);
-    ManifestStore::new(dir.transfer_dir().join("manifests")).save(&image, manifest)?;
-    let (mut service, _) = GridService::open(dir.server_id()?, &dir.state_dir())?;
-    service.write(ConfigValue::Image(BaseImage {
-        id: image.clone(),
-        digest: Some(manifest.root_digest()),
-        virtual_size: data.len() as u64,
-        parent: None,
-        state: ImageState::Ready,
-    }))?;
-    service.update_own_record(&mut |record| {
-        record.images.insert(image.clone(), ImageHolding::Complete);
-    })?;
-    Ok(())
-}
-
 /// Sends `source` over a loopback TCP connection to a receiver thread that
 /// writes it to `target` and fsyncs; seconds from connecting to the fsync.
 fn tcp_copy(source: &Path, target: &Path) -> anyhow::Result<f64> {
@@ -634,19 +480,16 @@ fn rsync_copy(
             pool_path.display()
         ),
     )?;
-    let mut daemon = Serving {
-        name: "rsync daemon",
-        child: Some(
-            Command::new(rsync)
-                .args(["--daemon", "--no-detach", "--address", "127.0.0.1"])
-                .arg(format!("--port={port}"))
-                .arg(format!("--config={}", config.display()))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()?,
-        ),
-        log: None,
-    };
+    let mut daemon = Serving::child(
+        "rsync daemon",
+        Command::new(rsync)
+            .args(["--daemon", "--no-detach", "--address", "127.0.0.1"])
+            .arg(format!("--port={port}"))
+            .arg(format!("--config={}", config.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
     wait_until("the rsync daemon listens", START_TIMEOUT, || {
         Ok(TcpStream::connect(("127.0.0.1", port)).is_ok())
     })?;
@@ -662,313 +505,4 @@ fn rsync_copy(
     ensure!(same_file(&copy, source)?, "the rsync copy differs");
     std::fs::remove_file(copy)?;
     Ok(seconds)
-}
-
-fn virsh(arguments: &[&str]) -> anyhow::Result<()> {
-    let output = Command::new("virsh")
-        .args(["-q", "-c", URI])
-        .args(arguments)
-        .output()?;
-    ensure!(
-        output.status.success(),
-        "virsh {arguments:?}: {}",
-        String::from_utf8_lossy(&output.stderr).trim()
-    );
-    Ok(())
-}
-
-fn same_file(a: &Path, b: &Path) -> anyhow::Result<bool> {
-    let mut a = std::io::BufReader::with_capacity(4 * MIB, File::open(a)?);
-    let mut b = std::io::BufReader::with_capacity(4 * MIB, File::open(b)?);
-    loop {
-        let (left, right) = (a.fill_buf()?, b.fill_buf()?);
-        let n = left.len().min(right.len());
-        if n == 0 {
-            return Ok(left.len() == right.len());
-        }
-        if left[..n] != right[..n] {
-            return Ok(false);
-        }
-        a.consume(n);
-        b.consume(n);
-    }
-}
-
-#[derive(Debug)]
-struct Member {
-    name: &'static str,
-    data_dir: PathBuf,
-    pool: String,
-    pool_path: PathBuf,
-}
-
-impl Member {
-    fn new(root: &Path, suffix: &str, name: &'static str) -> Self {
-        Self {
-            name,
-            data_dir: root.join(name),
-            pool: format!("dg-bench-xfer-{suffix}-{name}"),
-            pool_path: root.join(format!("pool-{name}")),
-        }
-    }
-
-    fn settings(&self, address: &str) -> Vec<String> {
-        [
-            "--name",
-            self.name,
-            "--listen",
-            address,
-            "--libvirt",
-            URI,
-            "--pool",
-            &self.pool,
-            "--pool-path",
-            &self.pool_path.display().to_string(),
-            "--domain-type",
-            "qemu",
-        ]
-        .iter()
-        .map(|argument| argument.to_string())
-        .collect()
-    }
-
-    fn log(&self) -> PathBuf {
-        self.data_dir.with_extension("log")
-    }
-
-    fn output(&self, arguments: &[&str]) -> anyhow::Result<Output> {
-        let output = Command::new(DESKGRID)
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .args(arguments)
-            .env_remove("DESKGRID_DATA_DIR")
-            .env_remove("RUST_LOG")
-            .output()?;
-        if !output.status.success() {
-            bail!(
-                "{} {arguments:?}: {}",
-                self.name,
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
-        }
-        Ok(output)
-    }
-
-    fn run(&self, arguments: &[String]) -> anyhow::Result<()> {
-        let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
-        self.output(&arguments).map(drop)
-    }
-
-    /// How `self` sees server `name`: its failure-detector state and its
-    /// complete images.
-    fn sees(&self, name: &str) -> anyhow::Result<(String, u64)> {
-        let output = self.output(&["--output", "json", "status"])?;
-        let status: serde_json::Value = serde_json::from_slice(&output.stdout)?;
-        let server = status["servers"]
-            .as_array()
-            .and_then(|servers| servers.iter().find(|server| server["name"] == name))
-            .cloned()
-            .unwrap_or(serde_json::Value::Null);
-        Ok((
-            server["state"].as_str().unwrap_or("").to_owned(),
-            server["images_complete"].as_u64().unwrap_or(0),
-        ))
-    }
-}
-
-/// A child process (a `deskgrid serve`, the rsync daemon), killed when dropped.
-#[derive(Debug)]
-struct Serving {
-    name: &'static str,
-    child: Option<Child>,
-    log: Option<PathBuf>,
-}
-
-impl Serving {
-    /// `deskgrid serve` for `member`, logging to `member.log()` (a pipe nobody
-    /// reads would stall it), once its control socket is there.
-    fn start(member: &Member) -> anyhow::Result<Self> {
-        let socket = member.data_dir.join("control.sock");
-        let child = Command::new(DESKGRID)
-            .arg("--data-dir")
-            .arg(&member.data_dir)
-            .arg("serve")
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(File::create(member.log())?)
-            .spawn()?;
-        let mut serving = Self {
-            name: member.name,
-            child: Some(child),
-            log: Some(member.log()),
-        };
-        let deadline = Instant::now() + START_TIMEOUT;
-        while !socket.exists() {
-            if let Some(status) = serving
-                .child
-                .as_mut()
-                .and_then(|child| child.try_wait().ok().flatten())
-            {
-                bail!(
-                    "{} exited at start-up with {status}: {}",
-                    member.name,
-                    std::fs::read_to_string(member.log()).unwrap_or_default()
-                );
-            }
-            ensure!(Instant::now() < deadline, "{} did not start", member.name);
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(serving)
-    }
-
-    /// SIGTERM, then SIGKILL if it has not exited within `START_TIMEOUT`.
-    fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
-        let deadline = Instant::now() + START_TIMEOUT;
-        while matches!(child.try_wait(), Ok(None)) {
-            if Instant::now() > deadline {
-                eprintln!("{} did not stop after SIGTERM: killing it", self.name);
-                let _ = child.kill();
-                let _ = child.wait();
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Serving {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-            if let Some(log) = &self.log {
-                eprintln!("{} killed; its log was {}", self.name, log.display());
-            }
-        }
-    }
-}
-
-/// Removes what the bench made when dropped, after a failure too: the
-/// servers, the pools with their volumes, the work directory.
-#[derive(Debug)]
-struct Cleanup {
-    servers: Vec<Serving>,
-    pools: Vec<String>,
-    work: Option<tempfile::TempDir>,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        self.servers.clear();
-        remove_pools(&self.pools);
-        if let Some(work) = self.work.take() {
-            let _ = work.close();
-        }
-    }
-}
-
-fn remove_pools(pools: &[String]) {
-    let Ok(mut connection) = Connect::open(Some(URI)) else {
-        eprintln!("cannot open {URI}: pools {pools:?} may be left behind");
-        return;
-    };
-    for name in pools {
-        if let Ok(pool) = StoragePool::lookup_by_name(&connection, name) {
-            let _ = pool.refresh(0);
-            for volume in pool.list_all_volumes(0).unwrap_or_default() {
-                let _ = volume.delete(0);
-            }
-            let _ = pool.destroy();
-            let _ = pool.undefine();
-        }
-    }
-    let _ = connection.close();
-}
-
-/// `key=value` fields of a log line.
-fn fields(line: &str) -> BTreeMap<String, String> {
-    line.split_whitespace()
-        .filter_map(|field| field.split_once('='))
-        .map(|(key, value)| (key.to_owned(), value.to_owned()))
-        .collect()
-}
-
-fn wait_until(
-    what: &str,
-    timeout: Duration,
-    mut condition: impl FnMut() -> anyhow::Result<bool>,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    while !condition()? {
-        check_interrupted()?;
-        ensure!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
-}
-
-/// A port free now; QUIC listens on UDP.
-fn free_udp_port() -> anyhow::Result<u16> {
-    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn free_tcp_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn which(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|dir| Path::new(dir).join(program))
-        .find(|path| path.is_file())
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|line| line.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_else(|| "?".to_owned())
-}
-
-fn install_signal_handler() {
-    std::thread::spawn(|| {
-        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        else {
-            eprintln!("no Ctrl-C cleanup: cannot start the signal runtime");
-            return;
-        };
-        runtime.block_on(async {
-            let Ok(mut terminate) =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            else {
-                eprintln!("no Ctrl-C cleanup: cannot listen for signals");
-                return;
-            };
-            for _ in 0..2 {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = terminate.recv() => {}
-                }
-                if INTERRUPTED.swap(true, Ordering::SeqCst) {
-                    eprintln!("interrupted again: exiting without cleanup (look for dg-bench-xfer-* in virsh pool-list)");
-                    std::process::exit(130);
-                }
-                eprintln!("interrupted: cleaning up after the current step (again to exit at once)");
-            }
-        });
-    });
-}
-
-fn check_interrupted() -> anyhow::Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        bail!("interrupted");
-    }
-    Ok(())
 }

@@ -10,6 +10,8 @@ packages=(
   qemu-system-x86 qemu-utils
   binutils procps tmux shellcheck
   busybox-static syslinux syslinux-common mtools dosfstools cpio python3
+  # benches/transfer*.rs and benches/swarm.rs: rsync baselines, namespaces and tc
+  rsync iproute2
 )
 
 log() { printf '==> %s\n' "$*"; }
