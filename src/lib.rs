@@ -11,6 +11,8 @@ pub mod api;
 pub mod appliance;
 /// The command line (`deskgrid ...`).
 pub mod cli;
+/// The desktop service: guest agent protocol and channels, VM lifecycle, broker.
+pub mod desktop;
 /// Typed identifiers and records; depends on nothing else here.
 pub mod model;
 /// The load balancers as pure functions: state in, plan out.
