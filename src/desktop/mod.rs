@@ -1,4 +1,6 @@
 //! The desktop service: agent protocol, per-VM agent channels, VM lifecycle, connection broker.
 
+pub mod channels;
 pub mod lifecycle;
 pub mod protocol;
+pub mod reserve;
