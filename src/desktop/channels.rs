@@ -378,8 +378,8 @@ impl Reader {
                     return None;
                 }
                 *believed = true;
-                let interval = u32::try_from(self.limits.heartbeat_interval.as_millis())
-                    .unwrap_or(u32::MAX);
+                let interval =
+                    u32::try_from(self.limits.heartbeat_interval.as_millis()).unwrap_or(u32::MAX);
                 (
                     AgentEvent::Hello {
                         agent_version,

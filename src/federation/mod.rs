@@ -16,8 +16,8 @@ pub mod simulation;
 pub mod transport;
 
 pub use node::{
-    request_chunk, request_diff_part, request_manifest, ChunkRefusal, ChunkReply, ChunkSource,
-    DiffPart, ImageRequestError, CHUNK_REQUESTS_PER_PEER, CHUNK_REQUESTS_TOTAL,
+    request_chunk, request_diff_part, request_have, request_manifest, ChunkRefusal, ChunkReply,
+    ChunkSource, DiffPart, ImageRequestError, CHUNK_REQUESTS_PER_PEER, CHUNK_REQUESTS_TOTAL,
 };
 pub use protocol::{ProtocolError, MAX_DIFF_PART_BYTES};
 pub use transport::{PeerConnection, PeerEndpoint, TransportError};

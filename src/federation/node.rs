@@ -88,6 +88,18 @@ pub trait ChunkSource: Send + Sync + 'static {
         index: u64,
     ) -> Result<(Encoding, Vec<u8>), ChunkRefusal>;
 
+    /// Which chunks of `image` this server holds, for `peer`. The default
+    /// holds every chunk of what [`manifest`](Self::manifest) serves.
+    fn have(
+        &self,
+        peer: ServerId,
+        image: &ImageVersionId,
+    ) -> Result<crate::transfer::swarm::Have, ChunkRefusal> {
+        let _ = peer;
+        self.manifest(image)
+            .map(|_| crate::transfer::swarm::Have::Complete)
+    }
+
     /// Bytes of `image`'s compressed difference disk from `offset` on (at
     /// most [`protocol::MAX_DIFF_PART_BYTES`]) and the file's length, for
     /// `peer`. The default holds no difference disks.
@@ -135,6 +147,8 @@ pub enum ChunkRefusal {
         offset: u64,
         total: u64,
     },
+    #[error("chunk {index} of image version {image} is not here yet (this server is pulling it)")]
+    NotHereYet { image: ImageVersionId, index: u64 },
     #[error("chunk {index} of image version {image} is all zeros and never sent")]
     ZeroChunk { image: ImageVersionId, index: u64 },
     #[error("image version {image} cannot be read here now")]
@@ -274,6 +288,28 @@ pub async fn request_chunk(
         }),
         PeerResponse::Refused { reason } => Err(ImageRequestError::Refused { reason }),
         _ => Err(ImageRequestError::Unexpected { asked: "chunk" }),
+    }
+}
+
+/// Asks the server at the other end of `connection` which chunks of
+/// `image` it holds. Unchecked: the asker fits the answer to its manifest.
+pub async fn request_have(
+    connection: &PeerConnection,
+    image: &ImageVersionId,
+    deadline: Duration,
+) -> Result<crate::transfer::swarm::Have, ImageRequestError> {
+    let request = PeerRequest::GetHave {
+        image: image.clone(),
+    };
+    let answer = connection
+        .request(&protocol::encode(&request), deadline)
+        .await?;
+    match protocol::decode::<PeerResponse>(&answer)? {
+        PeerResponse::Have(have) => Ok(have),
+        PeerResponse::Refused { reason } => Err(ImageRequestError::Refused { reason }),
+        _ => Err(ImageRequestError::Unexpected {
+            asked: "chunk list",
+        }),
     }
 }
 
@@ -526,6 +562,15 @@ fn dispatch(
                 },
                 Err(refusal) => {
                     tracing::debug!(peer = %server, %image, index, reason = %crate::error_chain(&refusal), "chunk request refused");
+                    refused(crate::error_chain(&refusal))
+                }
+            }
+        }
+        (PeerIdentity::Server(server), PeerRequest::GetHave { image }) => {
+            match chunks.have(server, &image) {
+                Ok(have) => PeerResponse::Have(have),
+                Err(refusal) => {
+                    tracing::debug!(peer = %server, %image, reason = %crate::error_chain(&refusal), "have request refused");
                     refused(crate::error_chain(&refusal))
                 }
             }

@@ -51,6 +51,10 @@ pub enum PeerRequest {
     /// and kept its difference disk. Parts keep every answer far under the
     /// message limit, however large the overlay.
     GetDiffPart { image: ImageVersionId, offset: u64 },
+    /// Which chunks of `image` do you have? Answered with
+    /// [`PeerResponse::Have`] by a server that holds it complete or is
+    /// pulling it (swarming: a puller serves the chunks it already has).
+    GetHave { image: ImageVersionId },
 }
 
 /// What a joining server sends once it has checked the grid's CA.
@@ -139,6 +143,8 @@ pub enum PeerResponse {
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
+    /// The chunks of the asked version the answerer holds now.
+    Have(crate::transfer::swarm::Have),
     /// Refused, with a reason for an operator.
     Refused {
         reason: String,

@@ -881,7 +881,8 @@ impl Simulation {
                 PeerRequest::Join(_)
                 | PeerRequest::GetManifest { .. }
                 | PeerRequest::GetChunk { .. }
-                | PeerRequest::GetDiffPart { .. } => {}
+                | PeerRequest::GetDiffPart { .. }
+                | PeerRequest::GetHave { .. } => {}
             },
             Payload::Response(response) => match *response {
                 PeerResponse::State { delta, vector } => {
@@ -903,6 +904,7 @@ impl Simulation {
                 PeerResponse::Merged { .. }
                 | PeerResponse::Refused { .. }
                 | PeerResponse::Joined(_)
+                | PeerResponse::Have(_)
                 | PeerResponse::Manifest { .. }
                 | PeerResponse::Chunk { .. }
                 | PeerResponse::DiffPart { .. } => {}

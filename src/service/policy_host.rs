@@ -27,9 +27,10 @@ use crate::policy::{
     ImagePuller, PolicyHost, PolicySnapshot, PolicyWaker, PolicyWorker, PullFuture,
 };
 use crate::state::{ConfigKey, ConfigValue};
+use crate::transfer::swarm::PartialImages;
 use crate::transfer::{
     pull_image, ChunkPeer, ChunkServer, HeldImages, ImageOnServer, ManifestStore, ProgressCallback,
-    PullSettings, QuicChunkPeer,
+    PullSettings, QuicChunkPeer, SourceFeed, Swarm,
 };
 
 /// How often the state is checked for changes that arrive without a local
@@ -185,6 +186,9 @@ impl GridService {
 #[derive(Debug, Clone)]
 pub struct ImageTransfer {
     chunk_server: Arc<ChunkServer>,
+    /// Pulls running here, with the chunks they have: the chunk server
+    /// serves those too.
+    partial: Arc<PartialImages>,
     /// `None` for a standalone server: nobody to pull from.
     endpoint: Option<Arc<PeerEndpoint>>,
     /// `DATA_DIR/transfer`: manifests and progress files.
@@ -201,11 +205,14 @@ impl ImageTransfer {
         corrupt_every: Option<NonZeroU64>,
     ) -> Self {
         let manifests = ManifestStore::new(transfer_dir.join("manifests"));
+        let partial = Arc::new(PartialImages::new());
         let chunk_server = ChunkServer::new(manifests, Arc::new(ServiceImages(service)))
             .corrupt_every(corrupt_every)
-            .diffs_dir(diffs_dir(&transfer_dir));
+            .diffs_dir(diffs_dir(&transfer_dir))
+            .partial_images(Arc::clone(&partial));
         Self {
             chunk_server: Arc::new(chunk_server),
+            partial,
             endpoint,
             transfer_dir,
         }
@@ -235,10 +242,10 @@ impl HeldImages for ServiceImages {
             .state
             .server(service.server_id())
             .and_then(|record| record.images.get(image));
-        if held == Some(&ImageHolding::Complete) {
-            ImageOnServer::HeldComplete { digest }
-        } else {
-            ImageOnServer::NotHeldComplete
+        match held {
+            Some(ImageHolding::Complete) => ImageOnServer::HeldComplete { digest },
+            Some(ImageHolding::Partial { .. }) => ImageOnServer::HeldPartial { digest },
+            None => ImageOnServer::NotHeldComplete,
         }
     }
 }
@@ -253,6 +260,7 @@ pub struct GridImagePuller {
     host: Arc<dyn Hypervisor>,
     transfer_dir: PathBuf,
     settings: PullSettings,
+    partial: Arc<PartialImages>,
 }
 
 impl GridImagePuller {
@@ -267,6 +275,7 @@ impl GridImagePuller {
             host,
             transfer_dir: transfer.transfer_dir.clone(),
             settings: PullSettings::default(),
+            partial: Arc::clone(&transfer.partial),
         }
     }
 }
@@ -296,17 +305,36 @@ impl ImagePuller for GridImagePuller {
                     }
                 }
             }
-            let sources: Vec<Arc<dyn ChunkPeer>> = holders
-                .into_iter()
-                .map(|(server, address)| {
-                    Arc::new(QuicChunkPeer::new(
-                        Arc::clone(&endpoint),
-                        server,
-                        address,
-                        puller.settings.request_deadline,
-                    )) as Arc<dyn ChunkPeer>
-                })
-                .collect();
+            let peers = {
+                let (endpoint, deadline) =
+                    (Arc::clone(&endpoint), puller.settings.request_deadline);
+                move |holders: Vec<(ServerId, SocketAddr)>| -> Vec<Arc<dyn ChunkPeer>> {
+                    holders
+                        .into_iter()
+                        .map(|(server, address)| {
+                            Arc::new(QuicChunkPeer::new(
+                                Arc::clone(&endpoint),
+                                server,
+                                address,
+                                deadline,
+                            )) as Arc<dyn ChunkPeer>
+                        })
+                        .collect()
+                }
+            };
+            let sources = peers(holders);
+            // Servers that hold the version or pull it too, as they appear.
+            let feed: SourceFeed = {
+                let (service, id) = (Arc::clone(&puller.service), image.id.clone());
+                Arc::new(move || peers(holders_of(&lock(&service), &id, true)))
+            };
+            let swarm = Swarm {
+                more_sources: Some(feed),
+                partial: Some(Arc::clone(&puller.partial)),
+                start_seed: crate::placement::seed_from_bytes(
+                    lock(&puller.service).server_id().as_bytes(),
+                ),
+            };
             let source_ids: Vec<ServerId> = sources.iter().map(|source| source.server()).collect();
             let recorder = Arc::new(TransferRecorder::new(
                 &puller.service,
@@ -325,6 +353,7 @@ impl ImagePuller for GridImagePuller {
                 &puller.transfer_dir,
                 &puller.settings,
                 on_progress,
+                swarm,
             )
             .await;
             // Done or stopped: no longer a transfer in progress.
@@ -633,13 +662,27 @@ impl GridImagePuller {
 /// left out, those it has not heard of yet are tried (as the federation
 /// does), alive ones first.
 fn complete_holders(service: &GridService, image: &ImageVersionId) -> Vec<(ServerId, SocketAddr)> {
+    holders_of(service, image, false)
+}
+
+/// The other servers to pull `image` from: those that hold it complete,
+/// and, with `pulling`, those pulling it too (they serve what they have).
+fn holders_of(
+    service: &GridService,
+    image: &ImageVersionId,
+    pulling: bool,
+) -> Vec<(ServerId, SocketAddr)> {
     let own = service.server_id();
     let revoked = service.revoked_servers();
     let mut holders: Vec<(bool, ServerId, SocketAddr)> = service
         .state
         .servers()
         .filter(|(server, _)| *server != own && !revoked.contains(server))
-        .filter(|(_, record)| record.images.get(image) == Some(&ImageHolding::Complete))
+        .filter(|(_, record)| match record.images.get(image) {
+            Some(ImageHolding::Complete) => true,
+            Some(ImageHolding::Partial { .. }) => pulling,
+            None => false,
+        })
         .filter_map(|(server, record)| {
             let state = service.member_states.get(&server);
             if state == Some(&MemberState::Down) {

@@ -10,8 +10,11 @@
 //!   [`crate::federation::ChunkSource`]).
 //! - `schedule`: which chunk each source fetches next (pure).
 //! - `progress`: the resume file, a bitmap of the chunks written.
-//! - `pull`: fetches a version from every complete holder at once,
-//!   verifies each chunk, writes it at its offset, resumes after a restart.
+//! - `pull`: fetches a version from every holder at once (complete ones,
+//!   and servers pulling it too), verifies each chunk, writes it at its
+//!   offset, resumes after a restart.
+//! - `swarm`: what a server pulling a version has, so it serves those
+//!   chunks to others while it pulls.
 
 pub mod codec;
 pub mod manifest;
@@ -20,6 +23,7 @@ pub mod progress;
 pub mod pull;
 pub mod schedule;
 pub mod serve;
+pub mod swarm;
 #[cfg(test)]
 mod test_pool;
 
@@ -28,6 +32,6 @@ pub use manifest::{ChunkEntry, Manifest, ManifestBuilder, ManifestError};
 pub use manifest_store::{ManifestStore, ManifestStoreError};
 pub use pull::{
     pull_image, ChunkPeer, ProgressCallback, PullError, PullProgress, PullReport, PullSettings,
-    QuicChunkPeer, SourceReport,
+    QuicChunkPeer, SourceFeed, SourceReport, Swarm,
 };
 pub use serve::{diff_file, ChunkServer, HeldImages, ImageOnServer};

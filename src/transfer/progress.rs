@@ -74,6 +74,28 @@ impl ChunkBitmap {
             self.n_set += 1;
         }
     }
+
+    /// The bits, chunk 0 in the lowest bit of the first byte.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bits
+    }
+
+    /// A bitmap of `len` chunks from [`as_bytes`](Self::as_bytes); `None`
+    /// when the bytes cannot be one (wrong length, bits past `len`).
+    pub fn from_bytes(len: u64, bytes: &[u8]) -> Option<Self> {
+        if bytes.len() as u64 != len.div_ceil(8) {
+            return None;
+        }
+        if len % 8 != 0 && bytes.last().is_some_and(|last| last >> (len % 8) != 0) {
+            return None;
+        }
+        let n_set = bytes.iter().map(|byte| u64::from(byte.count_ones())).sum();
+        Some(Self {
+            bits: bytes.to_vec(),
+            len,
+            n_set,
+        })
+    }
 }
 
 /// Why a progress file cannot be used.

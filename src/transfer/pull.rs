@@ -42,10 +42,11 @@ use tokio::task::{JoinError, JoinHandle, JoinSet};
 use super::codec::{self, CodecError};
 use super::progress::{ChunkBitmap, ProgressError, ProgressFile};
 use super::schedule::{ChunkSchedule, Fault, ScheduleLimits};
+use super::swarm::{Have, PartialGuard, PartialImages, HAVE_REFRESH};
 use super::{ChunkEntry, Manifest, ManifestError, ManifestStore, ManifestStoreError};
 use crate::actuator::{ActuatorError, Hypervisor, VolumeFile, VolumeFormat, VolumeName};
 use crate::federation::{
-    request_chunk, request_manifest, ChunkReply, ImageRequestError, PeerEndpoint,
+    request_chunk, request_have, request_manifest, ChunkReply, ImageRequestError, PeerEndpoint,
     CHUNK_REQUESTS_PER_PEER,
 };
 use crate::model::{BaseImage, ImageDigest, ImageVersionId, ServerId};
@@ -60,7 +61,46 @@ pub trait ChunkPeer: Send + Sync + fmt::Debug {
     fn server(&self) -> ServerId;
     fn manifest(&self, image: &ImageVersionId) -> PeerFuture<Manifest>;
     fn chunk(&self, image: &ImageVersionId, index: u64) -> PeerFuture<ChunkReply>;
+
+    /// Which chunks it holds. The default: every chunk (a complete holder).
+    fn have(&self, image: &ImageVersionId) -> PeerFuture<Have> {
+        let _ = image;
+        Box::pin(async { Ok(Have::Complete) })
+    }
 }
+
+/// Where a pull finds more sources and tells others what it has
+/// (swarming, `swarm.rs`). The default: the sources given, nothing shared.
+#[derive(Clone, Default)]
+pub struct Swarm {
+    /// Called about once a second while the pull runs: the servers to pull
+    /// from now (holders and other pullers of the version); new ones join.
+    pub more_sources: Option<SourceFeed>,
+    /// Where this pull lists the chunks it has written, for this server's
+    /// chunk server to serve them.
+    pub partial: Option<Arc<PartialImages>>,
+    /// Pullers take chunks in order from a start derived from this (e.g.
+    /// their server id), so pullers that start together fetch different
+    /// chunks first.
+    pub start_seed: u64,
+}
+
+/// See [`Swarm::more_sources`].
+pub type SourceFeed = Arc<dyn Fn() -> Vec<Arc<dyn ChunkPeer>> + Send + Sync>;
+
+impl fmt::Debug for Swarm {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter
+            .debug_struct("Swarm")
+            .field("more_sources", &self.more_sources.is_some())
+            .field("partial", &self.partial.is_some())
+            .field("start_seed", &self.start_seed)
+            .finish()
+    }
+}
+
+/// How often a pull asks its feed for new sources.
+const SOURCE_FEED_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A holder reached through this server's QUIC endpoint.
 #[derive(Debug, Clone)]
@@ -110,6 +150,15 @@ impl ChunkPeer for QuicChunkPeer {
             request_chunk(&connection, &image, index, peer.deadline).await
         })
     }
+
+    fn have(&self, image: &ImageVersionId) -> PeerFuture<Have> {
+        let peer = self.clone();
+        let image = image.clone();
+        Box::pin(async move {
+            let connection = peer.endpoint.connection(peer.address, peer.server).await?;
+            request_have(&connection, &image, peer.deadline).await
+        })
+    }
 }
 
 /// How a pull behaves.
@@ -127,6 +176,9 @@ pub struct PullSettings {
     pub request_deadline: Duration,
     /// How often the caller hears of the progress.
     pub progress_interval: Duration,
+    /// How long a pull waits, with nothing in flight, for sources that are
+    /// pulling too to get the chunks it still lacks, before it gives up.
+    pub partial_stall: Duration,
 }
 
 impl Default for PullSettings {
@@ -139,6 +191,7 @@ impl Default for PullSettings {
             // WAN link still arrives well within this.
             request_deadline: Duration::from_secs(30),
             progress_interval: Duration::from_secs(1),
+            partial_stall: Duration::from_secs(30),
         }
     }
 }
@@ -290,6 +343,7 @@ pub async fn pull_image(
     transfer_dir: &Path,
     settings: &PullSettings,
     on_progress: ProgressCallback,
+    swarm: Swarm,
 ) -> Result<PullReport, PullError> {
     let started = Instant::now();
     let id = image.id.clone();
@@ -358,11 +412,20 @@ pub async fn pull_image(
     );
 
     let n_sources = sources.len();
+    let n_chunks = manifest.chunks.len() as u64;
+    let guard = swarm
+        .partial
+        .as_ref()
+        .map(|partial| partial.register(&id, digest, bitmap.clone()));
     let mut run = PullRun {
         image: id.clone(),
         digest,
         manifest: Arc::clone(&manifest),
         sources,
+        feed: swarm.more_sources,
+        guard,
+        have_pending: vec![false; n_sources],
+        last_progress: Instant::now(),
         settings: settings.clone(),
         progress_file,
         bitmap,
@@ -376,7 +439,8 @@ pub async fn pull_image(
                 max_bad_chunks: settings.max_bad_chunks,
                 max_errors_in_a_row: settings.max_errors_in_a_row,
             },
-        ),
+        )
+        .with_start(swarm.start_seed.checked_rem(n_chunks).unwrap_or(0)),
         per_source: vec![(0, 0); n_sources],
         bytes_done: bytes_total - bytes_missing,
         bytes_total,
@@ -593,6 +657,14 @@ struct PullRun {
     digest: ImageDigest,
     manifest: Arc<Manifest>,
     sources: Vec<Arc<dyn ChunkPeer>>,
+    /// More sources as they appear (swarming).
+    feed: Option<SourceFeed>,
+    /// This pull's listing of the chunks it has, for others.
+    guard: Option<PartialGuard>,
+    /// Per source: a "which chunks do you have" request in flight.
+    have_pending: Vec<bool>,
+    /// When the last chunk arrived (or the pull started).
+    last_progress: Instant,
     settings: PullSettings,
     progress_file: ProgressFile,
     /// Chunks in the volume (zero chunks included).
@@ -619,6 +691,19 @@ impl PullRun {
         let mut failure: Option<PullError> = None;
         let mut tick = tokio::time::interval(self.settings.progress_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut haves: JoinSet<(usize, Result<Have, NoAnswer>)> = JoinSet::new();
+        let mut refresh = tokio::time::interval(HAVE_REFRESH);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut feed_tick = tokio::time::interval(SOURCE_FEED_INTERVAL);
+        feed_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        // Until a source says what it has, it is given nothing.
+        for source in 0..self.sources.len() {
+            self.schedule.set_available(
+                source,
+                Some(ChunkBitmap::new(self.manifest.chunks.len() as u64)),
+            );
+        }
+        self.ask_haves(&mut haves);
 
         loop {
             if failure.is_none() {
@@ -640,10 +725,28 @@ impl PullRun {
                 saving_slots = std::mem::take(&mut to_record);
                 saving = Some(self.spawn_save());
             }
-            if tasks.is_empty() && saving.is_none() {
+            // Nothing in flight, but a source pulling too may soon hold
+            // what is missing: wait for it, up to a limit.
+            let waiting_for_sources = failure.is_none()
+                && !self.schedule.is_complete()
+                && (self.schedule.partial_sources_live() || !haves.is_empty())
+                && self.last_progress.elapsed() < self.settings.partial_stall;
+            if tasks.is_empty() && saving.is_none() && !waiting_for_sources {
                 break;
             }
             tokio::select! {
+                Some(joined) = haves.join_next(), if !haves.is_empty() => {
+                    if let Ok((source, answer)) = joined {
+                        self.on_have(source, answer);
+                    }
+                }
+                _ = refresh.tick(), if failure.is_none() => {
+                    self.ask_haves(&mut haves);
+                }
+                _ = feed_tick.tick(), if failure.is_none() && self.feed.is_some() => {
+                    self.add_sources();
+                    self.ask_haves(&mut haves);
+                }
                 Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
                     match joined {
                         Ok(outcome) => {
@@ -710,6 +813,71 @@ impl PullRun {
         self.report_progress().await
     }
 
+    /// Asks every live source that holds only some chunks (or has not said
+    /// yet) what it holds now; one request per source at a time.
+    fn ask_haves(&mut self, haves: &mut JoinSet<(usize, Result<Have, NoAnswer>)>) {
+        for source in 0..self.sources.len() {
+            let live = self
+                .schedule
+                .tally(source)
+                .is_some_and(|tally| !tally.dropped);
+            if !live || !self.schedule.is_partial(source) || self.have_pending[source] {
+                continue;
+            }
+            self.have_pending[source] = true;
+            let ask = self.sources[source].have(&self.image);
+            let deadline = self.settings.request_deadline;
+            haves.spawn(async move {
+                let answer = match tokio::time::timeout(deadline, ask).await {
+                    Err(_) => Err(NoAnswer::TimedOut(deadline)),
+                    Ok(answer) => answer.map_err(NoAnswer::Request),
+                };
+                (source, answer)
+            });
+        }
+    }
+
+    /// What a source said it holds.
+    fn on_have(&mut self, source: usize, answer: Result<Have, NoAnswer>) {
+        if let Some(pending) = self.have_pending.get_mut(source) {
+            *pending = false;
+        }
+        let peer = self.sources[source].server();
+        let image = &self.image;
+        match answer.map(|have| have.bitmap(self.manifest.chunks.len() as u64)) {
+            Ok(Ok(available)) => self.schedule.set_available(source, available),
+            Ok(Err(problem)) => {
+                tracing::warn!(%peer, %image, problem, "holder sent a chunk list that does not fit the manifest")
+            }
+            // It may have dropped the version, or be slow: asked again at
+            // the next refresh; its chunk requests tell the rest.
+            Err(error) => {
+                tracing::debug!(%peer, %image, error = %crate::error_chain(&error), "holder did not say which chunks it has")
+            }
+        }
+    }
+
+    /// Adds the sources the feed knows and this pull does not.
+    fn add_sources(&mut self) {
+        let Some(feed) = self.feed.clone() else {
+            return;
+        };
+        for peer in feed() {
+            let server = peer.server();
+            if self.sources.iter().any(|known| known.server() == server) {
+                continue;
+            }
+            tracing::info!(image = %self.image, peer = %server, "a new source joins the pull");
+            let index = self
+                .schedule
+                .add_source(Some(ChunkBitmap::new(self.manifest.chunks.len() as u64)));
+            debug_assert_eq!(index, self.sources.len());
+            self.sources.push(peer);
+            self.have_pending.push(false);
+            self.per_source.push((0, 0));
+        }
+    }
+
     /// Takes in one chunk's outcome; an error here stops the pull.
     fn on_outcome(
         &mut self,
@@ -726,6 +894,10 @@ impl PullRun {
         let fault = match result {
             Ok(fetched) => {
                 self.bitmap.set(index);
+                self.last_progress = Instant::now();
+                if let Some(guard) = &self.guard {
+                    guard.written(index);
+                }
                 self.schedule.delivered(source, index);
                 to_record.push(source);
                 self.bytes_done += fetched.bytes;
@@ -985,6 +1157,8 @@ mod tests {
 
     #[derive(Debug)]
     struct FakePeer {
+        /// Chunks it holds when it is pulling too (`None`: complete).
+        holds: Mutex<Option<ChunkBitmap>>,
         server: ServerId,
         data: Arc<Vec<u8>>,
         manifest: Manifest,
@@ -996,6 +1170,7 @@ mod tests {
     impl FakePeer {
         fn new(byte: u8, disk: &Disk, behaviour: Behaviour, delay_ms: u64) -> Arc<Self> {
             Arc::new(Self {
+                holds: Mutex::new(None),
                 server: ServerId::from_bytes([byte; 16]),
                 data: Arc::clone(&disk.data),
                 manifest: disk.manifest.clone(),
@@ -1031,7 +1206,27 @@ mod tests {
             Box::pin(async move { Ok(manifest) })
         }
 
+        fn have(&self, _image: &ImageVersionId) -> PeerFuture<Have> {
+            let have = match &*self.holds.lock().unwrap() {
+                None => Have::Complete,
+                Some(bitmap) => Have::Partial {
+                    len: bitmap.len(),
+                    bits: bitmap.as_bytes().to_vec(),
+                },
+            };
+            Box::pin(async move { Ok(have) })
+        }
+
         fn chunk(&self, _image: &ImageVersionId, index: u64) -> PeerFuture<ChunkReply> {
+            if self
+                .holds
+                .lock()
+                .unwrap()
+                .as_ref()
+                .is_some_and(|holds| !holds.get(index))
+            {
+                panic!("chunk {index} asked of a puller that does not have it");
+            }
             let n = self.asked.fetch_add(1, Ordering::SeqCst) + 1;
             let (offset, length) = self.manifest.chunk_range(index).unwrap();
             let mut data = self.data[offset as usize..(offset + length) as usize].to_vec();
@@ -1165,6 +1360,7 @@ mod tests {
             dir,
             &settings(),
             callback,
+            Swarm::default(),
         )
         .await
     }
@@ -1180,6 +1376,123 @@ mod tests {
 
     fn data_chunks(disk: &Disk) -> u64 {
         disk.manifest.data_chunks().count() as u64
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pullers_serve_each_other_what_they_have_and_list_what_they_wrote() {
+        let temp = tempfile::tempdir().unwrap();
+        let disk = disk();
+        let host = host(1 << 30);
+        let n_chunks = disk.manifest.chunks.len() as u64;
+        let data: Vec<u64> = disk.manifest.data_chunks().collect();
+        // The first holder is slow; another puller, fast, has the first
+        // half of the data chunks and joins through the feed.
+        let origin = FakePeer::new(1, &disk, Behaviour::Honest, 20);
+        let puller = FakePeer::new(2, &disk, Behaviour::Honest, 1);
+        let mut half = ChunkBitmap::new(n_chunks);
+        for index in &data[..data.len() / 2] {
+            half.set(*index);
+        }
+        *puller.holds.lock().unwrap() = Some(half.clone());
+        let feed: SourceFeed = {
+            let puller = Arc::clone(&puller);
+            Arc::new(move || vec![Arc::clone(&puller) as Arc<dyn ChunkPeer>])
+        };
+        let partial = Arc::new(PartialImages::new());
+        let listed = Arc::new(Mutex::new(Vec::new()));
+        let (callback, _) = recorder();
+        let watching = {
+            let (partial, listed, image, digest) = (
+                Arc::clone(&partial),
+                Arc::clone(&listed),
+                disk.image.id.clone(),
+                disk.image.digest.unwrap(),
+            );
+            Arc::new(move |_progress: PullProgress| {
+                if let Some(have) = partial.have(&image, &digest) {
+                    listed.lock().unwrap().push(have.count());
+                }
+            }) as ProgressCallback
+        };
+        let _ = callback;
+        let settings = PullSettings {
+            progress_interval: Duration::from_millis(5),
+            ..settings()
+        };
+        let report = pull_image(
+            &disk.image,
+            vec![Arc::clone(&origin) as Arc<dyn ChunkPeer>],
+            Arc::new(host.clone()),
+            temp.path(),
+            &settings,
+            watching,
+            Swarm {
+                more_sources: Some(feed),
+                partial: Some(Arc::clone(&partial)),
+                start_seed: 0,
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(volume_bytes(&host, &disk), *disk.data);
+        assert_eq!(
+            report.sources.len(),
+            2,
+            "the feed's puller joined: {report:?}"
+        );
+        let by_puller = &report.sources[1];
+        assert!(by_puller.chunks > 0, "{report:?}");
+        assert!(
+            by_puller.chunks <= data.len() as u64 / 2,
+            "only what it has: {report:?}"
+        );
+        assert_eq!(
+            report.sources[0].chunks + by_puller.chunks,
+            data.len() as u64
+        );
+        // While it ran, the pull listed what it had, growing; once done it
+        // is no longer listed.
+        let listed = listed.lock().unwrap().clone();
+        assert!(
+            listed.windows(2).all(|pair| pair[0] <= pair[1]),
+            "{listed:?}"
+        );
+        assert!(listed.len() >= 2, "{listed:?}");
+        assert!(partial
+            .have(&disk.image.id, &disk.image.digest.unwrap())
+            .is_none());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pull_whose_only_sources_are_stuck_pullers_ends() {
+        // Nobody holds it complete and the other puller has nothing: the
+        // pull waits for it a while, then gives up with what is missing.
+        let temp = tempfile::tempdir().unwrap();
+        let disk = disk();
+        let host = host(1 << 30);
+        let stuck = FakePeer::new(3, &disk, Behaviour::Honest, 1);
+        *stuck.holds.lock().unwrap() = Some(ChunkBitmap::new(disk.manifest.chunks.len() as u64));
+        let (callback, _) = recorder();
+        let settings = PullSettings {
+            partial_stall: Duration::from_millis(300),
+            ..settings()
+        };
+        let error = pull_image(
+            &disk.image,
+            vec![Arc::clone(&stuck) as Arc<dyn ChunkPeer>],
+            Arc::new(host.clone()),
+            temp.path(),
+            &settings,
+            callback,
+            Swarm::default(),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(error, PullError::SourcesExhausted { missing, .. } if missing == data_chunks(&disk)),
+            "{error}"
+        );
+        assert_eq!(stuck.asked(), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1200,6 +1513,7 @@ mod tests {
             temp.path(),
             &settings(),
             callback,
+            Swarm::default(),
         )
         .await
         .unwrap();

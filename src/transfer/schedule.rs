@@ -8,6 +8,15 @@
 //! Holding a slot until the chunk is recorded bounds what a crash can cost:
 //! at most one chunk per slot is written but not recorded.
 //!
+//! Sources that are pulling the version themselves (swarming) hold only
+//! some chunks: a source is given only chunks it has
+//! ([`ChunkSchedule::set_available`]). Chunks are taken in order from a
+//! start that differs between pullers ([`ChunkSchedule::with_start`]), so
+//! pullers that start together fetch different chunks first and have
+//! something to give each other; and a complete holder is given first the
+//! chunks no partial source has, so the first holder's upload goes to what
+//! only it can give.
+//!
 //! A chunk that fails (bad bytes, or the source did not answer) goes back
 //! to the missing ones and is given to another source first; the source
 //! that failed it only takes it again when no other live source could. A
@@ -16,6 +25,8 @@
 //! [`ScheduleLimits::max_errors_in_a_row`] failed requests in a row.
 
 use std::collections::{BTreeMap, BTreeSet};
+
+use super::progress::ChunkBitmap;
 
 /// What made a chunk fail at a source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +73,10 @@ pub struct ChunkSchedule {
     /// Sources that failed a chunk: it goes to others first.
     failed_at: BTreeMap<u64, BTreeSet<usize>>,
     sources: Vec<SourceTally>,
+    /// Per source, the chunks it has; `None`: every chunk.
+    available: Vec<Option<ChunkBitmap>>,
+    /// Chunks are taken in order from here, wrapping round.
+    start: u64,
     n_delivered: u64,
 }
 
@@ -82,8 +97,63 @@ impl ChunkSchedule {
             fetching: BTreeMap::new(),
             failed_at: BTreeMap::new(),
             sources: vec![SourceTally::default(); n_sources],
+            available: vec![None; n_sources],
+            start: 0,
             n_delivered: 0,
         }
+    }
+
+    /// Chunks are taken in order from `start` on, wrapping round.
+    #[must_use]
+    pub fn with_start(mut self, start: u64) -> Self {
+        self.start = start;
+        self
+    }
+
+    /// A source joins the pull, holding the chunks in `available` (`None`:
+    /// every chunk); returns its index.
+    pub fn add_source(&mut self, available: Option<ChunkBitmap>) -> usize {
+        self.sources.push(SourceTally::default());
+        self.available.push(available);
+        self.sources.len() - 1
+    }
+
+    /// What `source` holds now (`None`: every chunk).
+    pub fn set_available(&mut self, source: usize, available: Option<ChunkBitmap>) {
+        if let Some(slot) = self.available.get_mut(source) {
+            *slot = available;
+        }
+    }
+
+    /// Whether `source` holds only some chunks (it is pulling too).
+    pub fn is_partial(&self, source: usize) -> bool {
+        self.available.get(source).is_some_and(Option::is_some)
+    }
+
+    fn has(&self, source: usize, chunk: u64) -> bool {
+        match self.available.get(source) {
+            Some(None) => true,
+            Some(Some(bitmap)) => bitmap.get(chunk),
+            None => false,
+        }
+    }
+
+    fn live(&self, source: usize) -> bool {
+        self.sources.get(source).is_some_and(|tally| !tally.dropped)
+    }
+
+    /// The waiting chunks in the order they are taken.
+    fn in_order(&self) -> impl Iterator<Item = u64> + '_ {
+        self.waiting
+            .range(self.start..)
+            .chain(self.waiting.range(..self.start))
+            .copied()
+    }
+
+    /// Some chunk is waiting that a live partial source may come to hold:
+    /// worth waiting for when nothing else is in flight.
+    pub fn partial_sources_live(&self) -> bool {
+        (0..self.sources.len()).any(|source| self.live(source) && self.is_partial(source))
     }
 
     /// The chunk `source` should fetch now, if it has a free slot and there
@@ -93,21 +163,37 @@ impl ChunkSchedule {
         if tally.dropped || tally.busy_slots >= self.limits.streams_per_source {
             return None;
         }
-        let untried = self.waiting.iter().copied().find(|index| {
-            self.failed_at
-                .get(index)
-                .is_none_or(|failed| !failed.contains(&source))
-        });
-        // A chunk this source failed, when every other live source failed
-        // it too: retrying here is the only way left.
-        let chunk = untried.or_else(|| {
-            self.waiting.iter().copied().find(|index| {
-                let failed = self.failed_at.get(index);
-                self.sources.iter().enumerate().all(|(other, tally)| {
-                    other == source
-                        || tally.dropped
-                        || failed.is_some_and(|failed| failed.contains(&other))
+        let can = |index: &u64| {
+            self.has(source, *index)
+                && self
+                    .failed_at
+                    .get(index)
+                    .is_none_or(|failed| !failed.contains(&source))
+        };
+        // A complete holder first takes what no live partial source has.
+        let partials: Vec<usize> = (0..self.sources.len())
+            .filter(|other| *other != source && self.live(*other) && self.is_partial(*other))
+            .collect();
+        let rare = (!self.is_partial(source) && !partials.is_empty())
+            .then(|| {
+                self.in_order().find(|index| {
+                    can(index) && !partials.iter().any(|other| self.has(*other, *index))
                 })
+            })
+            .flatten();
+        let untried = rare.or_else(|| self.in_order().find(can));
+        // A chunk this source failed, when every other live source that
+        // holds it failed it too: retrying here is the only way left.
+        let chunk = untried.or_else(|| {
+            self.in_order().find(|index| {
+                let failed = self.failed_at.get(index);
+                self.has(source, *index)
+                    && self.sources.iter().enumerate().all(|(other, tally)| {
+                        other == source
+                            || tally.dropped
+                            || !self.has(other, *index)
+                            || failed.is_some_and(|failed| failed.contains(&other))
+                    })
             })
         })?;
         self.waiting.remove(&chunk);
@@ -213,6 +299,70 @@ mod tests {
         assert_eq!(schedule.next_for(7), None, "no such source");
         assert_eq!(schedule.n_missing(), 4);
         assert!(!schedule.is_complete());
+    }
+
+    fn bitmap(len: u64, set: &[u64]) -> ChunkBitmap {
+        let mut bitmap = ChunkBitmap::new(len);
+        for index in set {
+            bitmap.set(*index);
+        }
+        bitmap
+    }
+
+    #[test]
+    fn a_partial_source_gets_only_what_it_has_and_the_complete_one_what_nobody_else_has() {
+        // Source 0 holds everything; source 1 is pulling and has 0, 1, 2.
+        let limits = ScheduleLimits {
+            streams_per_source: 8,
+            ..LIMITS
+        };
+        let mut schedule = ChunkSchedule::new(0..6, 2, limits);
+        schedule.set_available(1, Some(bitmap(6, &[0, 1, 2])));
+        assert!(schedule.is_partial(1) && !schedule.is_partial(0));
+        assert!(schedule.partial_sources_live());
+        // The complete holder takes first what only it has: 3, 4, 5.
+        assert_eq!(schedule.next_for(0), Some(3));
+        assert_eq!(schedule.next_for(1), Some(0));
+        assert_eq!(schedule.next_for(0), Some(4));
+        assert_eq!(schedule.next_for(0), Some(5));
+        // Then what the partial one has too, in order (work stealing).
+        assert_eq!(schedule.next_for(0), Some(1));
+        assert_eq!(schedule.next_for(1), Some(2));
+        assert_eq!(schedule.next_for(1), None, "it has nothing else");
+        assert_eq!(schedule.next_for(0), None, "all taken");
+
+        // A source that has not said what it has gets nothing.
+        let mut schedule = ChunkSchedule::new(0..4, 1, limits);
+        schedule.set_available(0, Some(ChunkBitmap::new(4)));
+        assert_eq!(schedule.next_for(0), None);
+        schedule.set_available(0, None);
+        assert_eq!(schedule.next_for(0), Some(0));
+    }
+
+    #[test]
+    fn pullers_start_at_their_own_chunk_and_wrap_round() {
+        let limits = ScheduleLimits {
+            streams_per_source: 8,
+            ..LIMITS
+        };
+        let mut schedule = ChunkSchedule::new(0..5, 1, limits).with_start(3);
+        let order: Vec<u64> = std::iter::from_fn(|| schedule.next_for(0)).collect();
+        assert_eq!(order, vec![3, 4, 0, 1, 2]);
+    }
+
+    #[test]
+    fn a_source_added_during_the_pull_takes_work() {
+        let mut schedule = ChunkSchedule::new(0..4, 1, LIMITS);
+        assert_eq!(schedule.next_for(0), Some(0));
+        assert_eq!(schedule.next_for(0), Some(1));
+        let added = schedule.add_source(Some(bitmap(4, &[3])));
+        assert_eq!(added, 1);
+        assert_eq!(schedule.next_for(1), Some(3));
+        assert_eq!(schedule.next_for(1), None);
+        // A chunk failed at the only source that has it is retried there.
+        assert!(!schedule.failed(1, 3, Fault::Unavailable));
+        schedule.set_available(0, Some(bitmap(4, &[0, 1])));
+        assert_eq!(schedule.next_for(1), Some(3), "nobody else holds it");
     }
 
     #[test]

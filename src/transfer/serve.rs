@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use super::swarm::{Have, PartialImages};
 use super::{codec, ChunkEntry, Encoding, Manifest, ManifestStore, ManifestStoreError};
 use crate::actuator::{ActuatorError, Hypervisor, VolumeFile, VolumeName};
 use crate::federation::{ChunkRefusal, ChunkSource, DiffPart, MAX_DIFF_PART_BYTES};
@@ -48,6 +49,9 @@ pub enum ImageOnServer {
     NotHeldComplete,
     /// This server holds it complete; its content has this digest.
     HeldComplete { digest: ImageDigest },
+    /// This server is pulling it (its record says partial); its content
+    /// has this digest.
+    HeldPartial { digest: ImageDigest },
 }
 
 /// The grid state as the chunk server reads it (the service implements
@@ -85,6 +89,9 @@ pub struct ChunkServer {
     /// Manifests already verified, by version, with the digest they were
     /// verified against (read from disk again if the grid's digest moved).
     verified: Mutex<BTreeMap<ImageVersionId, (ImageDigest, Arc<Manifest>)>>,
+    /// The versions this server is pulling, with the chunks it has: served
+    /// too (`None`: only complete versions are served).
+    partial: Option<Arc<PartialImages>>,
     /// Per version held, how its volume is read, decided at the first chunk
     /// (asking the host costs several libvirt calls): its file, or the
     /// host's calls (`None`). Dropped with the manifest when the version
@@ -114,6 +121,7 @@ impl ChunkServer {
             diffs_dir: None,
             images,
             verified: Mutex::new(BTreeMap::new()),
+            partial: None,
             volume_files: Mutex::new(BTreeMap::new()),
             corrupt_every: None,
             served: AtomicU64::new(0),
@@ -126,6 +134,12 @@ impl ChunkServer {
     /// `DESKGRID_TEST_CORRUPT_CHUNKS` environment variable.
     pub fn corrupt_every(mut self, n: Option<NonZeroU64>) -> Self {
         self.corrupt_every = n;
+        self
+    }
+
+    /// Serves the chunks that pulls running here have written (swarming).
+    pub fn partial_images(mut self, partial: Arc<PartialImages>) -> Self {
+        self.partial = Some(partial);
         self
     }
 
@@ -147,13 +161,25 @@ impl ChunkServer {
         self.served.load(Ordering::Relaxed)
     }
 
-    fn held_digest(&self, image: &ImageVersionId) -> Result<ImageDigest, ChunkRefusal> {
+    /// The digest of a version this server serves, and whether it holds
+    /// it complete (else it is pulling it and serves what it has).
+    fn held_digest(&self, image: &ImageVersionId) -> Result<(ImageDigest, bool), ChunkRefusal> {
         match self.images.image_on_server(image) {
-            ImageOnServer::HeldComplete { digest } => Ok(digest),
+            ImageOnServer::HeldComplete { digest } => Ok((digest, true)),
+            ImageOnServer::HeldPartial { digest }
+                if self
+                    .partial
+                    .as_ref()
+                    .is_some_and(|partial| partial.have(image, &digest).is_some()) =>
+            {
+                Ok((digest, false))
+            }
             ImageOnServer::NotInGrid => Err(ChunkRefusal::UnknownImage {
                 image: image.clone(),
             }),
-            ImageOnServer::NoDigest | ImageOnServer::NotHeldComplete => {
+            ImageOnServer::NoDigest
+            | ImageOnServer::NotHeldComplete
+            | ImageOnServer::HeldPartial { .. } => {
                 self.forget(image);
                 Err(ChunkRefusal::NotHeld {
                     image: image.clone(),
@@ -215,18 +241,19 @@ impl ChunkServer {
 
     /// The manifest of a version held complete, verified against the grid.
     fn verified_manifest(&self, image: &ImageVersionId) -> Result<Arc<Manifest>, ChunkRefusal> {
-        self.verified(image).map(|(_, manifest)| manifest)
+        self.verified(image).map(|(_, _, manifest)| manifest)
     }
 
-    /// The digest of a version held complete and its manifest, verified.
+    /// The digest of a version served here, whether it is held complete,
+    /// and its manifest, verified.
     fn verified(
         &self,
         image: &ImageVersionId,
-    ) -> Result<(ImageDigest, Arc<Manifest>), ChunkRefusal> {
-        let digest = self.held_digest(image)?;
+    ) -> Result<(ImageDigest, bool, Arc<Manifest>), ChunkRefusal> {
+        let (digest, complete) = self.held_digest(image)?;
         if let Some((known, manifest)) = self.cache().get(image) {
             if *known == digest {
-                return Ok((digest, Arc::clone(manifest)));
+                return Ok((digest, complete, Arc::clone(manifest)));
             }
         }
         let unavailable = |error: ServeError| ChunkRefusal::Unavailable {
@@ -241,7 +268,7 @@ impl ChunkServer {
         let manifest = Arc::new(manifest);
         self.cache()
             .insert(image.clone(), (digest, Arc::clone(&manifest)));
-        Ok((digest, manifest))
+        Ok((digest, complete, manifest))
     }
 }
 
@@ -257,7 +284,7 @@ impl ChunkSource for ChunkServer {
         image: &ImageVersionId,
         index: u64,
     ) -> Result<(Encoding, Vec<u8>), ChunkRefusal> {
-        let (digest, manifest) = self.verified(image)?;
+        let (digest, complete, manifest) = self.verified(image)?;
         let (offset, length) =
             manifest
                 .chunk_range(index)
@@ -268,6 +295,13 @@ impl ChunkSource for ChunkServer {
                 })?;
         if manifest.chunks.get(index as usize) == Some(&ChunkEntry::Zero) {
             return Err(ChunkRefusal::ZeroChunk {
+                image: image.clone(),
+                index,
+            });
+        }
+        let written_here = |partial: &Arc<PartialImages>| partial.has_chunk(image, &digest, index);
+        if !complete && !self.partial.as_ref().is_some_and(written_here) {
+            return Err(ChunkRefusal::NotHereYet {
                 image: image.clone(),
                 index,
             });
@@ -294,6 +328,24 @@ impl ChunkSource for ChunkServer {
         Ok(codec::encode(&data))
     }
 
+    fn have(&self, peer: ServerId, image: &ImageVersionId) -> Result<Have, ChunkRefusal> {
+        let _ = peer;
+        let (digest, complete) = self.held_digest(image)?;
+        if complete {
+            return Ok(Have::Complete);
+        }
+        self.partial
+            .as_ref()
+            .and_then(|partial| partial.have(image, &digest))
+            .map(|bitmap| Have::Partial {
+                len: bitmap.len(),
+                bits: bitmap.as_bytes().to_vec(),
+            })
+            .ok_or_else(|| ChunkRefusal::NotHeld {
+                image: image.clone(),
+            })
+    }
+
     fn read_diff_part(
         &self,
         peer: ServerId,
@@ -301,7 +353,11 @@ impl ChunkSource for ChunkServer {
         offset: u64,
     ) -> Result<DiffPart, ChunkRefusal> {
         // Only for a version held complete: the overlay rebuilds exactly it.
-        self.held_digest(image)?;
+        if !self.held_digest(image)?.1 {
+            return Err(ChunkRefusal::NotHeld {
+                image: image.clone(),
+            });
+        }
         let no_diff = || ChunkRefusal::NoDiff {
             image: image.clone(),
         };
