@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 
 use tokio::task::{JoinError, JoinHandle, JoinSet};
 
-use super::codec::{self, CodecError};
+use super::codec::{self, CodecError, Encoding};
 use super::progress::{ChunkBitmap, ProgressError, ProgressFile};
 use super::schedule::{ChunkSchedule, Fault, ScheduleLimits};
 use super::swarm::{Have, PartialGuard, PartialImages, HAVE_REFRESH};
@@ -323,6 +323,8 @@ enum ChunkFailure {
 struct Fetched {
     bytes: u64,
     wire_bytes: u64,
+    /// The chunk as it travelled, when this pull shares what it has.
+    wire: Option<(Encoding, Vec<u8>)>,
 }
 
 #[derive(Debug)]
@@ -717,6 +719,7 @@ impl PullRun {
                             manifest: Arc::clone(&self.manifest),
                             writer: Arc::clone(&self.writer),
                             deadline: self.settings.request_deadline,
+                            share: self.guard.is_some(),
                         }));
                     }
                 }
@@ -896,7 +899,7 @@ impl PullRun {
                 self.bitmap.set(index);
                 self.last_progress = Instant::now();
                 if let Some(guard) = &self.guard {
-                    guard.written(index);
+                    guard.written(index, fetched.wire);
                 }
                 self.schedule.delivered(source, index);
                 to_record.push(source);
@@ -998,6 +1001,8 @@ struct ChunkJob {
     manifest: Arc<Manifest>,
     writer: Arc<ChunkWriter>,
     deadline: Duration,
+    /// Keep the chunk's wire bytes for serving it to other pullers.
+    share: bool,
 }
 
 /// Fetches the job's chunk from its peer, checks it and writes it.
@@ -1010,6 +1015,7 @@ async fn fetch_one(job: ChunkJob) -> ChunkOutcome {
         manifest,
         writer,
         deadline,
+        share,
     } = job;
     let result = async {
         let reply = match tokio::time::timeout(deadline, peer.chunk(&image, index)).await {
@@ -1032,7 +1038,9 @@ async fn fetch_one(job: ChunkJob) -> ChunkOutcome {
             let bad = |error| ChunkFailure::Bad(BadChunk::Verification(error));
             let (offset, length) = manifest.chunk_range(index).map_err(bad)?;
             let limit = usize::try_from(length).unwrap_or(usize::MAX);
-            let data = codec::decode(reply.encoding, reply.data, limit)
+            let encoding = reply.encoding;
+            let compressed = (share && encoding != Encoding::Raw).then(|| reply.data.clone());
+            let data = codec::decode(encoding, reply.data, limit)
                 .map_err(|error| ChunkFailure::Bad(BadChunk::Undecodable(error)))?;
             manifest.verify_chunk(index, &data).map_err(bad)?;
             writer.write(offset, &data).map_err(|source| {
@@ -1042,9 +1050,14 @@ async fn fetch_one(job: ChunkJob) -> ChunkOutcome {
                     source,
                 }))
             })?;
+            let wire = match compressed {
+                Some(compressed) => Some((encoding, compressed)),
+                None => share.then_some((Encoding::Raw, data)),
+            };
             Ok(Fetched {
                 bytes: length,
                 wire_bytes,
+                wire,
             })
         })
         .await

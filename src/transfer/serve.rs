@@ -299,12 +299,23 @@ impl ChunkSource for ChunkServer {
                 index,
             });
         }
-        let written_here = |partial: &Arc<PartialImages>| partial.has_chunk(image, &digest, index);
-        if !complete && !self.partial.as_ref().is_some_and(written_here) {
-            return Err(ChunkRefusal::NotHereYet {
-                image: image.clone(),
-                index,
-            });
+        if !complete {
+            let Some(partial) = self.partial.as_ref() else {
+                return Err(ChunkRefusal::NotHeld {
+                    image: image.clone(),
+                });
+            };
+            if !partial.has_chunk(image, &digest, index) {
+                return Err(ChunkRefusal::NotHereYet {
+                    image: image.clone(),
+                    index,
+                });
+            }
+            // Just received: served as it came, verified here already.
+            if let Some(recent) = partial.recent_chunk(image, &digest, index) {
+                self.served.fetch_add(1, Ordering::Relaxed);
+                return Ok(recent);
+            }
         }
         let unavailable = |error: ServeError| ChunkRefusal::Unavailable {
             image: image.clone(),
@@ -400,6 +411,7 @@ mod tests {
     use super::*;
     use crate::actuator::VolumeFormat;
     use crate::transfer::manifest::{manifest_of, MIN_CHUNK_SIZE};
+    use crate::transfer::progress::ChunkBitmap;
     use crate::transfer::test_pool::TestPool;
 
     #[derive(Debug)]
@@ -490,6 +502,69 @@ mod tests {
             })
         ));
         assert_eq!(server.chunks_served(), 2);
+    }
+
+    #[test]
+    fn a_server_pulling_a_version_serves_the_chunks_it_has_written() {
+        let Served {
+            _temp,
+            server,
+            images,
+            data,
+            manifest,
+            image,
+        } = served();
+        let digest = manifest.root_digest();
+        *images.0.lock().unwrap() = ImageOnServer::HeldPartial { digest };
+        let partial = Arc::new(PartialImages::new());
+        let server = server.partial_images(Arc::clone(&partial));
+        let peer = ServerId::random();
+        // Partly held, but no pull runs here: nothing is served.
+        assert!(matches!(
+            server.read_chunk(peer, &image, 0),
+            Err(ChunkRefusal::NotHeld { .. })
+        ));
+        assert!(server.have(peer, &image).is_err());
+
+        let n_chunks = manifest.chunks.len() as u64;
+        let guard = partial.register(&image, digest, ChunkBitmap::new(n_chunks));
+        guard.written(0, None);
+        guard.written(2, Some((Encoding::Raw, b"as it came".to_vec())));
+        let (encoding, bytes) = server.read_chunk(peer, &image, 0).unwrap();
+        let chunk = MIN_CHUNK_SIZE as usize;
+        assert_eq!(
+            codec::decode(encoding, bytes, chunk).unwrap(),
+            data[..chunk],
+            "written, not recent: read from the volume"
+        );
+        assert_eq!(
+            server.read_chunk(peer, &image, 2).unwrap(),
+            (Encoding::Raw, b"as it came".to_vec()),
+            "recent: served as it travelled"
+        );
+        assert!(matches!(
+            server.read_chunk(peer, &image, 3),
+            Err(ChunkRefusal::NotHereYet { index: 3, .. })
+        ));
+        match server.have(peer, &image).unwrap() {
+            Have::Partial { len, bits } => {
+                let bitmap = ChunkBitmap::from_bytes(len, &bits).unwrap();
+                assert_eq!(len, n_chunks);
+                assert!(bitmap.get(0) && bitmap.get(2) && !bitmap.get(3));
+            }
+            Have::Complete => panic!("only partly held"),
+        }
+        // A difference disk is only served for a version held complete.
+        assert!(matches!(
+            server.read_diff_part(peer, &image, 0),
+            Err(ChunkRefusal::NotHeld { .. })
+        ));
+        // The pull ended: nothing partial is served any more.
+        drop(guard);
+        assert!(server.read_chunk(peer, &image, 0).is_err());
+
+        *images.0.lock().unwrap() = ImageOnServer::HeldComplete { digest };
+        assert_eq!(server.have(peer, &image).unwrap(), Have::Complete);
     }
 
     #[test]

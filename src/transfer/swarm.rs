@@ -9,13 +9,14 @@
 //! holders as sources as they appear in the grid state and ask them for
 //! their [`Have`] every [`HAVE_REFRESH`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use super::progress::ChunkBitmap;
+use super::Encoding;
 use crate::model::{ImageDigest, ImageVersionId};
 
 /// How often a puller asks a partial source what it holds now.
@@ -56,16 +57,60 @@ pub struct PartialImages {
     pulls: Mutex<BTreeMap<ImageVersionId, Arc<PartialImage>>>,
 }
 
+/// Wire bytes of the chunks a pull received last, kept to serve them again
+/// as they came (no disk read, no second compression): other pullers ask
+/// for what a puller just got, within a refresh or two.
+const RECENT_WIRE_BYTES: usize = 48 << 20;
+
 #[derive(Debug)]
 struct PartialImage {
     digest: ImageDigest,
     have: Mutex<ChunkBitmap>,
+    recent: Mutex<RecentChunks>,
+}
+
+/// Chunks as they travelled, newest last, within [`RECENT_WIRE_BYTES`].
+#[derive(Debug, Default)]
+struct RecentChunks {
+    chunks: VecDeque<(u64, Encoding, Arc<Vec<u8>>)>,
+    bytes: usize,
+}
+
+impl RecentChunks {
+    fn push(&mut self, index: u64, encoding: Encoding, wire: Vec<u8>) {
+        if wire.len() > RECENT_WIRE_BYTES {
+            return;
+        }
+        self.bytes += wire.len();
+        self.chunks.push_back((index, encoding, Arc::new(wire)));
+        while self.bytes > RECENT_WIRE_BYTES {
+            match self.chunks.pop_front() {
+                Some((_, _, dropped)) => self.bytes -= dropped.len(),
+                None => break,
+            }
+        }
+    }
+
+    fn get(&self, index: u64) -> Option<(Encoding, Arc<Vec<u8>>)> {
+        self.chunks
+            .iter()
+            .rev()
+            .find(|(kept, _, _)| *kept == index)
+            .map(|(_, encoding, wire)| (*encoding, Arc::clone(wire)))
+    }
 }
 
 impl PartialImage {
     fn have(&self) -> std::sync::MutexGuard<'_, ChunkBitmap> {
         // Bits are only ever set: a panic elsewhere leaves a usable bitmap.
         self.have
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn recent(&self) -> std::sync::MutexGuard<'_, RecentChunks> {
+        // A cache: whatever a panic left is still valid entries.
+        self.recent
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -94,6 +139,7 @@ impl PartialImages {
         let entry = Arc::new(PartialImage {
             digest,
             have: Mutex::new(have),
+            recent: Mutex::new(RecentChunks::default()),
         });
         self.pulls().insert(image.clone(), Arc::clone(&entry));
         PartialGuard {
@@ -119,6 +165,24 @@ impl PartialImages {
     }
 }
 
+impl PartialImages {
+    /// Chunk `index` of `image` (content `digest`) as it travelled here, if
+    /// this server received it lately: to serve it again as it is.
+    pub fn recent_chunk(
+        &self,
+        image: &ImageVersionId,
+        digest: &ImageDigest,
+        index: u64,
+    ) -> Option<(Encoding, Vec<u8>)> {
+        let entry = self.pulls().get(image).cloned()?;
+        if entry.digest != *digest {
+            return None;
+        }
+        let (encoding, wire) = entry.recent().get(index)?;
+        Some((encoding, Vec::clone(&wire)))
+    }
+}
+
 /// A running pull's entry in [`PartialImages`]; dropping it unlists the
 /// pull.
 #[derive(Debug)]
@@ -129,8 +193,12 @@ pub struct PartialGuard {
 }
 
 impl PartialGuard {
-    /// Chunk `index` is verified and written: it may be served.
-    pub fn written(&self, index: u64) {
+    /// Chunk `index` is verified and written: it may be served, from
+    /// `wire` (the bytes as they travelled) while they are recent.
+    pub fn written(&self, index: u64, wire: Option<(Encoding, Vec<u8>)>) {
+        if let Some((encoding, wire)) = wire {
+            self.entry.recent().push(index, encoding, wire);
+        }
         self.entry.have().set(index);
     }
 }
@@ -165,11 +233,29 @@ mod tests {
             !registry.has_chunk(&image, &ImageDigest::from_bytes([8; 32]), 3),
             "other content"
         );
-        guard.written(4);
+        guard.written(4, Some((Encoding::Zstd, vec![4; 10])));
         assert!(registry.has_chunk(&image, &digest, 4));
+        assert_eq!(
+            registry.recent_chunk(&image, &digest, 4),
+            Some((Encoding::Zstd, vec![4; 10]))
+        );
+        assert_eq!(registry.recent_chunk(&image, &digest, 3), None, "not kept");
         assert_eq!(registry.have(&image, &digest).unwrap().count(), 2);
         drop(guard);
         assert!(registry.have(&image, &digest).is_none());
+    }
+
+    #[test]
+    fn recent_wire_bytes_are_bounded() {
+        let mut recent = RecentChunks::default();
+        let chunk = 5 << 20;
+        for index in 0..20 {
+            recent.push(index, Encoding::Raw, vec![0; chunk]);
+        }
+        assert!(recent.bytes <= RECENT_WIRE_BYTES);
+        assert_eq!(recent.bytes, recent.chunks.len() * chunk);
+        assert!(recent.get(19).is_some(), "the newest is kept");
+        assert!(recent.get(0).is_none(), "the oldest went");
     }
 
     #[test]
