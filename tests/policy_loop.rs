@@ -57,6 +57,8 @@ fn settings() -> PolicySettings {
         max_retry: Duration::from_millis(400),
         max_running_jobs: 16,
         stop_deadline: Duration::from_secs(2),
+        // No desktop service (no agents) in these tests.
+        ready_on_start: true,
     }
 }
 

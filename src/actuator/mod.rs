@@ -19,3 +19,17 @@ pub use hypervisor::{
     Hypervisor, PoolInfo, ShutdownOutcome, VolumeFile, VolumeInfo,
 };
 pub use naming::VolumeName;
+
+/// A display password nobody knows, as long as the protocol takes (SPICE 32
+/// hex characters, VNC the 8 bytes it counts): a new domain's display stays
+/// locked with one until the broker sets a one-time ticket, and a one-time
+/// ticket is one of these, handed to one user.
+pub fn random_display_password(protocol: crate::model::DisplayProtocol) -> String {
+    let len = match protocol {
+        crate::model::DisplayProtocol::Spice => 32,
+        crate::model::DisplayProtocol::Vnc => domain_xml::VNC_PASSWORD_MAX_BYTES,
+    };
+    let mut password = hex::encode(rand::random::<[u8; 32]>());
+    password.truncate(len);
+    password
+}

@@ -32,6 +32,10 @@ pub struct Appliance {
     pub config: Config,
     /// The grid state and its durable store, shared by every face.
     pub service: Arc<Mutex<GridService>>,
+    /// This server's desktop service as the broker calls it: refuses
+    /// (`Unavailable`) until the policy loop has connected to libvirt and
+    /// started the service (`service/policy_host.rs::run`).
+    pub desk: crate::desktop::reserve::DeskSlot,
 }
 
 /// Runs the appliance until SIGTERM or SIGINT, then stops cleanly.
@@ -73,6 +77,7 @@ pub async fn serve(data_dir: DataDir) -> anyhow::Result<()> {
         data_dir,
         config,
         service: Arc::new(Mutex::new(service)),
+        desk: crate::desktop::reserve::DeskSlot::new(),
     };
 
     let (shutdown_sender, shutdown) = watch::channel(false);
@@ -135,9 +140,10 @@ pub async fn serve(data_dir: DataDir) -> anyhow::Result<()> {
         appliance.config.clone(),
         Arc::clone(&appliance.service),
         image_transfer,
+        appliance.desk.clone(),
         shutdown.clone(),
     ));
-    tracing::info!("policy worker started");
+    tracing::info!("policy worker started (the desktop service starts with it)");
     tracing::info!("deskgrid server running; stop it with SIGTERM or Ctrl-C");
 
     stop_signals.wait().await;

@@ -4,3 +4,4 @@ pub mod channels;
 pub mod lifecycle;
 pub mod protocol;
 pub mod reserve;
+pub mod service;

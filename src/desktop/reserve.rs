@@ -86,3 +86,44 @@ pub trait DesktopDesk: Send + Sync + std::fmt::Debug {
     /// ticket and says how to connect.
     fn reserve(&self, request: ReserveRequest) -> ReserveFuture;
 }
+
+/// This server's [`DesktopDesk`] before and after it exists: the desktop
+/// service starts only once the policy loop has its libvirt connection,
+/// but the broker (and the peer RPC) can hold this from the start. Until
+/// the service is set, every reservation is refused as
+/// [`ReserveRefusal::Unavailable`].
+#[derive(Debug, Clone, Default)]
+pub struct DeskSlot {
+    desk: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<dyn DesktopDesk>>>,
+}
+
+impl DeskSlot {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Puts the running service in; a second call is ignored (there is one
+    /// service per server) and says so with `false`.
+    pub fn set(&self, desk: std::sync::Arc<dyn DesktopDesk>) -> bool {
+        self.desk.set(desk).is_ok()
+    }
+
+    /// The service, once it runs.
+    pub fn get(&self) -> Option<std::sync::Arc<dyn DesktopDesk>> {
+        self.desk.get().cloned()
+    }
+}
+
+impl DesktopDesk for DeskSlot {
+    fn reserve(&self, request: ReserveRequest) -> ReserveFuture {
+        match self.desk.get() {
+            Some(desk) => desk.reserve(request),
+            None => Box::pin(async {
+                Err(ReserveRefusal::Unavailable {
+                    reason: "the desktop service has not started (no host connection yet)"
+                        .to_owned(),
+                })
+            }),
+        }
+    }
+}

@@ -94,10 +94,10 @@ pub trait ChunkSource: Send + Sync + 'static {
         &self,
         peer: ServerId,
         image: &ImageVersionId,
-    ) -> Result<crate::transfer::swarm::Have, ChunkRefusal> {
+    ) -> Result<crate::transfer::Have, ChunkRefusal> {
         let _ = peer;
         self.manifest(image)
-            .map(|_| crate::transfer::swarm::Have::Complete)
+            .map(|_| crate::transfer::Have::Complete)
     }
 
     /// Bytes of `image`'s compressed difference disk from `offset` on (at
@@ -297,7 +297,7 @@ pub async fn request_have(
     connection: &PeerConnection,
     image: &ImageVersionId,
     deadline: Duration,
-) -> Result<crate::transfer::swarm::Have, ImageRequestError> {
+) -> Result<crate::transfer::Have, ImageRequestError> {
     let request = PeerRequest::GetHave {
         image: image.clone(),
     };

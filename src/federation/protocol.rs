@@ -144,7 +144,7 @@ pub enum PeerResponse {
         data: Vec<u8>,
     },
     /// The chunks of the asked version the answerer holds now.
-    Have(crate::transfer::swarm::Have),
+    Have(crate::transfer::Have),
     /// Refused, with a reason for an operator.
     Refused {
         reason: String,

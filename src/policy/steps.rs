@@ -120,6 +120,8 @@ pub(crate) struct StepContext {
     pub boots: BootSlots,
     /// Turns true when the server stops: jobs stop before their next VM.
     pub shutdown: watch::Receiver<bool>,
+    /// `PolicySettings::ready_on_start`.
+    pub ready_on_start: bool,
 }
 
 /// What a step needs from the state the plan was made on.
@@ -339,9 +341,8 @@ async fn create_vm(
     vm: VmId,
 ) -> Result<(), PolicyError> {
     let mut shutdown = context.shutdown.clone();
-    // The slot covers clone, define and start. Until the guest agent exists
-    // (a later issue) "booted" means "started"; with it, the slot will be
-    // held until the agent's hello, which is what tames a boot storm.
+    // The slot covers clone, define and start. It is not (yet) held until
+    // the agent's hello, which is what would tame a boot storm.
     let slot = tokio::select! {
         slot = context.boots.acquire() => Some(slot),
         _ = shutdown.wait_for(|stopping| *stopping) => None,
@@ -352,11 +353,19 @@ async fn create_vm(
     };
     match result {
         Ok(()) => {
-            // Ready as soon as it runs: the agent that confirms a desktop
-            // is really ready comes in a later issue.
+            // Started. With the desktop service (`ready_on_start` false) the
+            // VM is `Provisioning` until its agent says hello, and that
+            // service makes it `Ready`; a refreshed VM goes from
+            // `Refreshing` back to `Provisioning`, which is how the service
+            // learns that the refresh is done. Without it, ready at once.
+            let state = if context.ready_on_start {
+                VmState::Ready
+            } else {
+                VmState::Provisioning
+            };
             update_record(&context.host, move |record| {
                 if let Some(entry) = record.vms.get_mut(&vm) {
-                    entry.state = VmState::Ready;
+                    entry.state = state;
                 }
             })
             .await

@@ -41,6 +41,12 @@ pub struct PolicySettings {
     /// How long stopping waits for running jobs before it abandons them
     /// (the next start finds what they left and marks it failed).
     pub stop_deadline: Duration,
+    /// Whether a VM is `Ready` as soon as its domain runs. `false` in
+    /// `deskgrid serve`: the desktop service marks it `Ready` when its guest
+    /// agent says hello, and a started VM stays `Provisioning` until then.
+    /// `true` only where no desktop service runs (the policy loop's own
+    /// tests, with fake hosts that have no agents).
+    pub ready_on_start: bool,
 }
 
 impl Default for PolicySettings {
@@ -58,6 +64,7 @@ impl Default for PolicySettings {
             // Below the appliance's 10 s exit deadline, so the rest of the
             // shutdown still gets its share.
             stop_deadline: Duration::from_secs(5),
+            ready_on_start: false,
         }
     }
 }
@@ -186,6 +193,7 @@ impl PolicyWorker {
             images,
             boots: BootSlots::new(Policy::default().max_concurrent_boots),
             shutdown: shutdown.clone(),
+            ready_on_start: settings.ready_on_start,
         });
         let mut table = JobTable::new(
             Backoff {

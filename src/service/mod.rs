@@ -5,6 +5,7 @@
 //! (durable), then apply it in memory. Nothing in memory is ahead of disk.
 
 pub mod accounts;
+pub mod desktop_host;
 pub mod grid;
 pub mod host_check;
 pub mod host_worker;

@@ -11,12 +11,15 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use super::desktop_host::ServiceDesktopHost;
 use super::images::diffs::{diffs_dir, parent_volume_path, rebuild_from_diff};
 use super::{now_ms, GridService, ServiceError};
-use crate::actuator::domain_xml::{NetworkAttachment, VNC_PASSWORD_MAX_BYTES};
+use crate::actuator::domain_xml::NetworkAttachment;
 use crate::actuator::libvirt::{LibvirtHypervisor, LibvirtOptions};
 use crate::actuator::{AsyncHypervisor, DomainKind, DomainSpec, Hypervisor};
 use crate::appliance::config::Config;
+use crate::desktop::reserve::DeskSlot;
+use crate::desktop::service::{DesktopService, DesktopSettings};
 use crate::federation::membership::MemberState;
 use crate::federation::{request_diff_part, ChunkSource, PeerEndpoint};
 use crate::model::{
@@ -24,7 +27,7 @@ use crate::model::{
     TransferRecord, VmId,
 };
 use crate::policy::{
-    ImagePuller, PolicyHost, PolicySnapshot, PolicyWaker, PolicyWorker, PullFuture,
+    ImagePuller, PolicyHost, PolicySettings, PolicySnapshot, PolicyWaker, PolicyWorker, PullFuture,
 };
 use crate::state::{ConfigKey, ConfigValue};
 use crate::transfer::swarm::PartialImages;
@@ -123,13 +126,11 @@ impl PolicyHost for ServicePolicyHost {
     }
 
     fn domain_spec(&self, template: &Template, vm: VmId, disk_path: String) -> DomainSpec {
-        let (listen, password) = match template.display {
-            DisplayProtocol::Spice => (self.domains.spice_listen, display_password(32)),
-            DisplayProtocol::Vnc => (
-                self.domains.vnc_listen,
-                display_password(VNC_PASSWORD_MAX_BYTES),
-            ),
+        let listen = match template.display {
+            DisplayProtocol::Spice => self.domains.spice_listen,
+            DisplayProtocol::Vnc => self.domains.vnc_listen,
         };
+        let password = crate::actuator::random_display_password(template.display);
         DomainSpec::for_template(
             template,
             vm,
@@ -705,12 +706,15 @@ fn holders_of(
 
 /// Runs the policy loop until `shutdown` turns true: connects to libvirt
 /// (retrying with backoff while it is away), hands the host to the chunk
-/// server, then plans and acts, pulling images through a
-/// [`GridImagePuller`].
+/// server, starts the desktop service on the same connection (and puts it
+/// in `desk`, where the broker finds it), then plans and acts, pulling
+/// images through a [`GridImagePuller`]. VMs become `Ready` when their
+/// agent says hello (`ready_on_start: false`).
 pub async fn run(
     config: Config,
     service: Arc<Mutex<GridService>>,
     transfer: ImageTransfer,
+    desk: DeskSlot,
     shutdown: watch::Receiver<bool>,
 ) {
     let options = config.libvirt.libvirt_options();
@@ -726,12 +730,25 @@ pub async fn run(
     };
     let policy_host = Arc::new(ServicePolicyHost::new(Arc::clone(&service), domains));
     let puller = GridImagePuller::new(Arc::clone(&service), &transfer, Arc::clone(&host));
+    let desktop = DesktopService::new(
+        Arc::new(ServiceDesktopHost::new(Arc::clone(&service), &config)),
+        Arc::clone(&host),
+        DesktopSettings::default(),
+    );
+    desk.set(desktop.desk());
+    let desktop = tokio::spawn(desktop.run(shutdown.clone()));
+    tracing::info!("desktop service running");
     let worker = PolicyWorker::new(policy_host, AsyncHypervisor::new(host), Arc::new(puller))
-        .with_plan_now(plan_now);
+        .with_plan_now(plan_now)
+        .with_settings(PolicySettings {
+            ready_on_start: false,
+            ..PolicySettings::default()
+        });
     let watcher = tokio::spawn(wake_on_changes(changes, worker.waker(), shutdown.clone()));
     tracing::info!("host ready; policy loop running");
     worker.run(shutdown).await;
     let _ = watcher.await;
+    let _ = desktop.await;
 }
 
 /// Pokes the loop whenever the state changes: a local write, a peer's
@@ -784,14 +801,6 @@ async fn connect(
     }
 }
 
-/// A display password nobody knows, `len` hex characters (at most 64): the
-/// display stays locked until the broker sets a one-time ticket.
-fn display_password(len: usize) -> String {
-    let mut password = hex::encode(rand::random::<[u8; 32]>());
-    password.truncate(len);
-    password
-}
-
 fn lock(service: &Mutex<GridService>) -> std::sync::MutexGuard<'_, GridService> {
     // Writes are durable before they are applied: a panic while holding the
     // lock leaves at worst the state that is on disk.
@@ -806,6 +815,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+    use crate::actuator::domain_xml::VNC_PASSWORD_MAX_BYTES;
     use crate::appliance::config::{LibvirtSettings, ServerSettings};
     use crate::model::{ImageHolding, ImageVersionId};
     use std::collections::BTreeMap;
@@ -978,8 +988,15 @@ mod tests {
 
     #[test]
     fn display_passwords_fit_their_protocol_and_differ() {
-        assert_eq!(display_password(VNC_PASSWORD_MAX_BYTES).len(), 8);
-        assert_eq!(display_password(32).len(), 32);
-        assert_ne!(display_password(32), display_password(32));
+        use crate::actuator::random_display_password;
+        assert_eq!(
+            random_display_password(DisplayProtocol::Vnc).len(),
+            VNC_PASSWORD_MAX_BYTES
+        );
+        assert_eq!(random_display_password(DisplayProtocol::Spice).len(), 32);
+        assert_ne!(
+            random_display_password(DisplayProtocol::Spice),
+            random_display_password(DisplayProtocol::Spice)
+        );
     }
 }

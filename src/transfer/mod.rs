@@ -35,3 +35,4 @@ pub use pull::{
     QuicChunkPeer, SourceFeed, SourceReport, Swarm,
 };
 pub use serve::{diff_file, ChunkServer, HeldImages, ImageOnServer};
+pub use swarm::{Have, PartialImages};

@@ -5,6 +5,16 @@
 # then runs /deskgrid/agent PORT (restarting it when it exits) or, without an
 # agent, writes a hello line to the port every second. Progress lines go to
 # the serial console (the domain's serial log).
+#
+# Test logins (optional): each line of /deskgrid/test-logins is
+#   UUID_PREFIX USER LOGIN_AFTER_S SESSION_S
+# and a guest whose SMBIOS UUID starts with UUID_PREFIX logs USER in
+# LOGIN_AFTER_S seconds after its agent port appeared and out SESSION_S
+# seconds later, by writing utmp records as login(1) and logout(3) do: a
+# USER_PROCESS record (line tty1, the pid of a process that lives for the
+# session) into /run/utmp, then the same line as DEAD_PROCESS with the user
+# cleared. Nobody types a password (the test guest has no getty), but the
+# agent reads exactly what a real login leaves behind.
 export PATH=/bin HOME=/ TERM=linux
 agent_port_name=org.deskgrid.agent.0
 agent=/deskgrid/agent
@@ -60,6 +70,56 @@ until port=$(find_port) && [ -c "$port" ]; do
   usleep 100000
 done
 log "port $agent_port_name is $port"
+
+# --- test logins (see the top of this file) ---------------------------------
+# Four little-endian bytes of $1.
+le32() {
+  for shift in 0 8 16 24; do
+    # shellcheck disable=SC2059 # the format is the octal escape itself
+    printf "$(printf '\\%03o' $((($1 >> shift) & 255)))"
+  done
+}
+# $1 as a NUL-padded field of $2 bytes.
+fixed() {
+  printf '%s' "$1"
+  head -c $(($2 - ${#1})) /dev/zero
+}
+# One 384-byte utmp record (glibc x86-64): type pid line user.
+utmp_record() {
+  le32 "$1"
+  le32 "$2"
+  fixed "$3" 32
+  fixed "${3#tty}" 4
+  fixed "$4" 32
+  fixed "" 256
+  fixed "" 8
+  le32 "$(date +%s)"
+  fixed "" 20
+  fixed "" 20
+}
+write_utmp() {
+  utmp_record "$@" >/run/utmp.new && mv /run/utmp.new /run/utmp
+}
+test_login() {
+  user=$1 after=$2 session=$3
+  sleep "$after"
+  sleep "$session" &
+  session_pid=$!
+  write_utmp 7 "$session_pid" tty1 "$user"
+  log "test login: $user on tty1 (pid $session_pid) for $session s"
+  wait "$session_pid"
+  write_utmp 8 "$session_pid" tty1 ""
+  log "test logout: $user from tty1"
+}
+[ -e /var/run ] || ln -s /run /var/run
+if [ -r /deskgrid/test-logins ]; then
+  uuid=$(tr 'A-F' 'a-f' </sys/class/dmi/id/product_uuid 2>/dev/null)
+  while read -r prefix user after session; do
+    case $uuid in
+      "$prefix"*) test_login "$user" "$after" "$session" & ;;
+    esac
+  done </deskgrid/test-logins
+fi
 
 if [ -x "$agent" ]; then
   while :; do
