@@ -29,6 +29,7 @@
 //! means the volume holds exactly the version the grid names. Nothing a
 //! peer sends can make this panic: bad input is an error for that chunk.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -408,7 +409,7 @@ pub async fn pull_image(
         streams = sources.len() as u64 * u64::from(settings.streams_per_source),
         writes = match &writer {
             ChunkWriter::File(_) => "into the volume file, concurrent",
-            ChunkWriter::Host { .. } => "through the host, one at a time",
+            ChunkWriter::Host(_) => "through the host, adjacent chunks in one upload",
         },
         "pulling image"
     );
@@ -582,17 +583,13 @@ const WRITE_ATTEMPTS: u32 = 6;
 const FIRST_WRITE_RETRY: Duration = Duration::from_millis(10);
 
 /// How verified chunks reach the base volume: its file, written from every
-/// stream at once, or the host's calls, one write at a time. Decided once
-/// per pull (asking the host which way costs several libvirt calls).
+/// stream at once, or the host's calls (libvirt upload streams), one
+/// upload at a time. Decided once per pull (asking the host which way
+/// costs several libvirt calls).
 #[derive(Debug)]
 enum ChunkWriter {
     File(VolumeFile),
-    Host {
-        host: Arc<dyn Hypervisor>,
-        name: VolumeName,
-        /// Held while a chunk is written: one upload stream at a time.
-        turn: std::sync::Mutex<()>,
-    },
+    Host(GroupWriter),
 }
 
 impl ChunkWriter {
@@ -600,24 +597,14 @@ impl ChunkWriter {
         let name = VolumeName::Base(image.clone());
         Ok(match host.open_volume_file(&name, true)? {
             Some(file) => Self::File(file),
-            None => Self::Host {
-                host: Arc::clone(host),
-                name,
-                turn: std::sync::Mutex::new(()),
-            },
+            None => Self::Host(GroupWriter::new(Arc::clone(host), name)),
         })
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), ActuatorError> {
         match self {
             Self::File(file) => file.write_at(offset, data),
-            Self::Host { host, name, turn } => {
-                // Guards nothing but the turn: a panic elsewhere leaves it usable.
-                let _turn = turn
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                write_chunk(host.as_ref(), name, offset, data)
-            }
+            Self::Host(group) => group.write(offset, data),
         }
     }
 
@@ -625,8 +612,127 @@ impl ChunkWriter {
     fn sync(&self) -> Result<(), ActuatorError> {
         match self {
             Self::File(file) => file.sync(),
-            Self::Host { host, name, .. } => host.sync_volume(name),
+            Self::Host(group) => group.host.sync_volume(&group.name),
         }
+    }
+}
+
+/// Writes through the host one upload at a time (libvirt takes one upload
+/// per volume), but not one chunk at a time: chunks that arrive while an
+/// upload runs wait together, and the next writer uploads every run of
+/// adjacent ones as one ("group commit"). Each upload costs a stream's
+/// set-up and libvirt's release of the volume; a run of chunks pays it
+/// once. Every caller returns once its own chunk is written or failed.
+#[derive(Debug)]
+struct GroupWriter {
+    host: Arc<dyn Hypervisor>,
+    name: VolumeName,
+    state: std::sync::Mutex<GroupState>,
+    done: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GroupState {
+    /// Waiting to be written: ticket, offset, bytes.
+    pending: Vec<(u64, u64, Vec<u8>)>,
+    /// A writer is uploading now.
+    writing: bool,
+    next_ticket: u64,
+    /// Outcomes not yet collected by their writers.
+    outcomes: BTreeMap<u64, Result<(), String>>,
+}
+
+/// The most bytes one upload of a run carries.
+const MAX_RUN_BYTES: usize = 64 << 20;
+
+impl GroupWriter {
+    fn new(host: Arc<dyn Hypervisor>, name: VolumeName) -> Self {
+        Self {
+            host,
+            name,
+            state: std::sync::Mutex::new(GroupState::default()),
+            done: std::sync::Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, GroupState> {
+        // Whole values only; a panicked writer leaves its chunks pending
+        // for the next one.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), ActuatorError> {
+        let mut state = self.lock();
+        let ticket = state.next_ticket;
+        state.next_ticket += 1;
+        state.pending.push((ticket, offset, data.to_vec()));
+        loop {
+            if let Some(outcome) = state.outcomes.remove(&ticket) {
+                return outcome.map_err(|message| ActuatorError::Libvirt {
+                    operation: "write chunks through an upload stream",
+                    message,
+                });
+            }
+            if state.writing {
+                state = self
+                    .done
+                    .wait(state)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                continue;
+            }
+            // This caller uploads everything waiting, its own chunk included.
+            state.writing = true;
+            let batch = std::mem::take(&mut state.pending);
+            drop(state);
+            let outcomes = self.upload_runs(batch);
+            state = self.lock();
+            state.outcomes.extend(outcomes);
+            state.writing = false;
+            self.done.notify_all();
+        }
+    }
+
+    /// Uploads `batch` as runs of adjacent chunks; the outcome per ticket.
+    fn upload_runs(&self, mut batch: Vec<(u64, u64, Vec<u8>)>) -> Vec<(u64, Result<(), String>)> {
+        batch.sort_by_key(|(_, offset, _)| *offset);
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut run: Vec<(u64, u64, Vec<u8>)> = Vec::new();
+        let mut run_bytes = 0usize;
+        let flush = |run: &mut Vec<(u64, u64, Vec<u8>)>, outcomes: &mut Vec<_>| {
+            let Some(&(_, start, _)) = run.first() else {
+                return;
+            };
+            let outcome = if run.len() == 1 {
+                write_chunk(self.host.as_ref(), &self.name, start, &run[0].2)
+            } else {
+                let mut joined =
+                    Vec::with_capacity(run.iter().map(|(_, _, data)| data.len()).sum());
+                for (_, _, data) in run.iter() {
+                    joined.extend_from_slice(data);
+                }
+                write_chunk(self.host.as_ref(), &self.name, start, &joined)
+            }
+            .map_err(|error| crate::error_chain(&error));
+            outcomes.extend(
+                run.drain(..)
+                    .map(|(ticket, _, _)| (ticket, outcome.clone())),
+            );
+        };
+        for (ticket, offset, data) in batch {
+            let adjacent = run
+                .last()
+                .is_some_and(|(_, last, bytes)| last + bytes.len() as u64 == offset);
+            if !adjacent || run_bytes + data.len() > MAX_RUN_BYTES {
+                flush(&mut run, &mut outcomes);
+                run_bytes = 0;
+            }
+            run_bytes += data.len();
+            run.push((ticket, offset, data));
+        }
+        flush(&mut run, &mut outcomes);
+        outcomes
     }
 }
 
@@ -1506,6 +1612,63 @@ mod tests {
             "{error}"
         );
         assert_eq!(stuck.asked(), 0);
+    }
+
+    #[test]
+    fn chunks_waiting_together_go_up_in_one_upload_per_run() {
+        let host = host(1 << 30);
+        let image = ImageVersionId::new("group").unwrap();
+        let chunk = 64 * 1024;
+        let n_chunks = 48u64;
+        host.create_base_volume(&image, n_chunks * chunk, VolumeFormat::Raw)
+            .unwrap();
+        let writer = Arc::new(GroupWriter::new(
+            Arc::new(host.clone()),
+            VolumeName::Base(image.clone()),
+        ));
+        // Eight writers at once, each a stripe of chunks; two chunks are
+        // left out so the runs have gaps.
+        let threads: Vec<_> = (0..8u64)
+            .map(|stripe| {
+                let writer = Arc::clone(&writer);
+                std::thread::spawn(move || {
+                    for index in (stripe..n_chunks).step_by(8) {
+                        if index == 10 || index == 31 {
+                            continue;
+                        }
+                        let data = vec![u8::try_from(index).unwrap(); chunk as usize];
+                        writer.write(index * chunk, &data).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        let bytes = host
+            .read_volume_at(&VolumeName::Base(image), 0, n_chunks * chunk)
+            .unwrap();
+        for index in 0..n_chunks {
+            let expected = if index == 10 || index == 31 {
+                0
+            } else {
+                index as u8
+            };
+            let at = (index * chunk) as usize;
+            assert!(
+                bytes[at..at + chunk as usize]
+                    .iter()
+                    .all(|byte| *byte == expected),
+                "chunk {index}"
+            );
+        }
+        assert_eq!(host.refused_writes(), 0, "one upload at a time");
+        assert!(
+            host.writes() < n_chunks - 2,
+            "{} uploads for {} chunks: adjacent chunks went together",
+            host.writes(),
+            n_chunks - 2
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,6 +27,7 @@ const POOL: &str = "test-pool";
 pub(crate) struct TestPool {
     inner: Arc<Mutex<Pool>>,
     refused_writes: Arc<AtomicU64>,
+    writes: Arc<AtomicU64>,
 }
 
 #[derive(Debug)]
@@ -49,7 +50,13 @@ impl TestPool {
                 volumes: BTreeMap::new(),
             })),
             refused_writes: Arc::default(),
+            writes: Arc::default(),
         }
+    }
+
+    /// Writes (uploads) that went through.
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::SeqCst)
     }
 
     /// Writes refused because another was in progress on the volume.
@@ -200,6 +207,7 @@ impl Hypervisor for TestPool {
                 });
             }
             volume.writing = true;
+            self.writes.fetch_add(1, Ordering::SeqCst);
         }
         // Long enough for a second writer to run into the first.
         std::thread::sleep(Duration::from_micros(200));
