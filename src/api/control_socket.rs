@@ -17,9 +17,13 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
 use crate::appliance::data_dir::DataDir;
-use crate::model::{ImageDigest, ImageVersionId, Template, TemplateName};
+use crate::model::{
+    EntitlementSubject, ImageDigest, ImageVersionId, SiteLabel, Template, TemplateName, UserName,
+};
+use crate::service::desktops::{DesktopAccess, LogoffReport, Password, Reservation};
 use crate::service::images::ImageSummary;
 use crate::service::templates::{StoredTemplate, TemplateChange};
+use crate::service::users::{EntitlementChange, NewUser, SessionSummary, UserSummary};
 use crate::service::{GridService, StateSummary, StatusReport};
 
 /// The protocol version this build speaks.
@@ -81,6 +85,36 @@ pub enum ControlCommand {
         parent: Option<ImageVersionId>,
     },
     ListImages,
+    /// Creates a user; the password comes hashed (argon2id).
+    AddUser {
+        user: NewUser,
+    },
+    ListUsers,
+    DeleteUser {
+        name: UserName,
+    },
+    /// Grants `subject` desktops of `template`, or with `remove` withdraws it.
+    Entitle {
+        subject: EntitlementSubject,
+        template: TemplateName,
+        #[serde(default)]
+        remove: bool,
+    },
+    /// Every session and reservation in the grid.
+    ListSessions,
+    /// Asks the servers hosting `user`'s sessions to end them.
+    LogOff {
+        user: UserName,
+    },
+    /// Logs a user in and reserves a desktop anywhere in the grid.
+    Connect {
+        user: UserName,
+        password: Password,
+        #[serde(default)]
+        template: Option<TemplateName>,
+        #[serde(default)]
+        client_site: Option<SiteLabel>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,6 +141,17 @@ pub enum ControlReply {
     ImageRegistered(ImageSummary),
     /// Every base image version, sorted, with the servers that hold it.
     Images(Vec<ImageSummary>),
+    UserAdded(UserSummary),
+    /// Every user, sorted by name.
+    Users(Vec<UserSummary>),
+    UserDeleted {
+        name: UserName,
+    },
+    Entitlement(EntitlementChange),
+    Sessions(Vec<SessionSummary>),
+    LoggedOff(LogoffReport),
+    /// The desktop reserved, with its one-time display ticket.
+    Connected(Box<Reservation>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -206,6 +251,7 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
 pub async fn serve(
     listener: UnixListener,
     service: Arc<Mutex<GridService>>,
+    desktops: Arc<DesktopAccess>,
     data_dir: DataDir,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -216,9 +262,10 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let service = Arc::clone(&service);
+                    let desktops = Arc::clone(&desktops);
                     let data_dir = Arc::clone(&data_dir);
                     tokio::spawn(async move {
-                        if let Err(error) = handle_connection(stream, service, data_dir).await {
+                        if let Err(error) = handle_connection(stream, service, desktops, data_dir).await {
                             tracing::warn!(error = %error, "control connection failed");
                         }
                     });
@@ -235,6 +282,7 @@ pub async fn serve(
 async fn handle_connection(
     stream: UnixStream,
     service: Arc<Mutex<GridService>>,
+    desktops: Arc<DesktopAccess>,
     data_dir: Arc<DataDir>,
 ) -> std::io::Result<()> {
     // The socket's mode already keeps other users out; the peer's uid is
@@ -261,6 +309,9 @@ async fn handle_connection(
                 "control protocol version {} is not supported (this server speaks {CONTROL_PROTOCOL_VERSION}): use the deskgrid CLI of the same release",
                 request.version
             )),
+            Ok(request) if is_desktop_command(&request.command) => {
+                execute_desktop(&desktops, request.command).await
+            }
             Ok(request) => {
                 let service = Arc::clone(&service);
                 // State changes fsync: keep them off the async workers.
@@ -276,6 +327,43 @@ async fn handle_connection(
     bytes.push(b'\n');
     writer.write_all(&bytes).await?;
     writer.shutdown().await
+}
+
+fn is_desktop_command(command: &ControlCommand) -> bool {
+    matches!(
+        command,
+        ControlCommand::Connect { .. } | ControlCommand::LogOff { .. }
+    )
+}
+
+/// Commands that ask other servers (peer RPC with deadlines): awaited here,
+/// never with the state's lock held.
+async fn execute_desktop(desktops: &DesktopAccess, command: ControlCommand) -> ControlResponse {
+    match command {
+        ControlCommand::Connect {
+            user,
+            password,
+            template,
+            client_site,
+        } => {
+            // Only the server's own user (or root) reaches the socket.
+            let source = "control-socket".to_owned();
+            match desktops
+                .connect(user, password, template, client_site, source)
+                .await
+            {
+                Ok(reservation) => {
+                    ControlResponse::Ok(ControlReply::Connected(Box::new(reservation)))
+                }
+                Err(error) => ControlResponse::Error(crate::error_chain(&error)),
+            }
+        }
+        ControlCommand::LogOff { user } => match desktops.log_off(&user).await {
+            Ok(report) => ControlResponse::Ok(ControlReply::LoggedOff(report)),
+            Err(error) => ControlResponse::Error(crate::error_chain(&error)),
+        },
+        _ => ControlResponse::Error("not a desktop command".to_owned()),
+    }
 }
 
 fn execute(
@@ -346,5 +434,28 @@ fn execute(
             }
         }
         ControlCommand::ListImages => ControlResponse::Ok(ControlReply::Images(service.images())),
+        ControlCommand::AddUser { user } => match service.add_user(user) {
+            Ok(summary) => ControlResponse::Ok(ControlReply::UserAdded(summary)),
+            Err(error) => ControlResponse::Error(crate::error_chain(&error)),
+        },
+        ControlCommand::ListUsers => ControlResponse::Ok(ControlReply::Users(service.users())),
+        ControlCommand::DeleteUser { name } => match service.delete_user(&name) {
+            Ok(()) => ControlResponse::Ok(ControlReply::UserDeleted { name }),
+            Err(error) => ControlResponse::Error(crate::error_chain(&error)),
+        },
+        ControlCommand::Entitle {
+            subject,
+            template,
+            remove,
+        } => match service.entitle(subject, template, remove) {
+            Ok(change) => ControlResponse::Ok(ControlReply::Entitlement(change)),
+            Err(error) => ControlResponse::Error(crate::error_chain(&error)),
+        },
+        ControlCommand::ListSessions => {
+            ControlResponse::Ok(ControlReply::Sessions(service.sessions()))
+        }
+        ControlCommand::Connect { .. } | ControlCommand::LogOff { .. } => {
+            ControlResponse::Error("desktop commands are not run under the state's lock".to_owned())
+        }
     }
 }

@@ -81,15 +81,6 @@ pub async fn serve(data_dir: DataDir) -> anyhow::Result<()> {
     };
 
     let (shutdown_sender, shutdown) = watch::channel(false);
-    let socket_path = appliance.data_dir.control_socket();
-    let listener = control_socket::bind(&socket_path)?;
-    let control = tokio::spawn(control_socket::serve(
-        listener,
-        Arc::clone(&appliance.service),
-        appliance.data_dir.clone(),
-        shutdown.clone(),
-    ));
-    tracing::info!(path = %socket_path.display(), "control socket listening");
     let host_worker = tokio::spawn(crate::service::host_worker::run(
         appliance.config.libvirt.libvirt_options(),
         Arc::clone(&appliance.service),
@@ -97,6 +88,23 @@ pub async fn serve(data_dir: DataDir) -> anyhow::Result<()> {
     ));
     tracing::info!(uri = %appliance.config.libvirt.uri, "host worker started");
     let federation_endpoint = federation_endpoint(&appliance)?;
+    // The connection broker: local desktops through `desk`, the
+    // others' over the federation's endpoint.
+    let desktops = Arc::new(crate::service::desktops::DesktopAccess::new(
+        Arc::clone(&appliance.service),
+        appliance.desk.clone(),
+        federation_endpoint.clone(),
+    ));
+    let socket_path = appliance.data_dir.control_socket();
+    let listener = control_socket::bind(&socket_path)?;
+    let control = tokio::spawn(control_socket::serve(
+        listener,
+        Arc::clone(&appliance.service),
+        desktops,
+        appliance.data_dir.clone(),
+        shutdown.clone(),
+    ));
+    tracing::info!(path = %socket_path.display(), "control socket listening");
     // Base images between servers: served to peers through the federation,
     // pulled through the same endpoint (a standalone server has none).
     let image_transfer = crate::service::policy_host::ImageTransfer::new(
@@ -123,6 +131,7 @@ pub async fn serve(data_dir: DataDir) -> anyhow::Result<()> {
                     &appliance.service,
                 ))),
                 image_transfer.chunk_source(),
+                appliance.desk.clone(),
                 changes,
                 crate::federation::node::NodeSettings::default(),
                 advertised,

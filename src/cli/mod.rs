@@ -9,6 +9,7 @@ mod images;
 mod output;
 mod setup;
 mod templates;
+mod users;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -111,6 +112,22 @@ pub enum Command {
     /// Base images of the grid: import one, list them.
     #[command(subcommand)]
     Image(images::ImageCommand),
+
+    /// Users who log in to desktops (asks the running server).
+    #[command(subcommand)]
+    User(users::UserCommand),
+
+    /// Let a user or a group use a template's desktops (or, with --remove,
+    /// no longer).
+    Entitle(users::EntitleArgs),
+
+    /// Users' sessions across the grid.
+    #[command(subcommand)]
+    Session(users::SessionCommand),
+
+    /// Log a user in and reserve a desktop on whichever server has one free:
+    /// prints the connection details and writes a remote-viewer (.vv) file.
+    Connect(users::ConnectArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -359,6 +376,10 @@ fn run(cli: Cli, output: &Output) -> anyhow::Result<ExitCode> {
         }
         Command::Template(command) => templates::run(&data_dir, command, output),
         Command::Image(command) => images::run(&data_dir, command, output),
+        Command::User(command) => users::run_user(&data_dir, command, output),
+        Command::Entitle(args) => users::run_entitle(&data_dir, args, output),
+        Command::Session(command) => users::run_session(&data_dir, command, output),
+        Command::Connect(args) => users::run_connect(&data_dir, args, output),
         Command::Serve => {
             let runtime =
                 tokio::runtime::Runtime::new().context("cannot start the async runtime")?;

@@ -467,6 +467,177 @@ fn column_width(header: &str, cells: impl Iterator<Item = String>) -> usize {
         .fold(header.len(), usize::max)
 }
 
+/// Users, entitlements, sessions and desktops.
+impl Output {
+    pub fn user_added(&self, user: &crate::service::users::UserSummary) {
+        match self.format {
+            OutputFormat::Text => {
+                println!("user {} created", user.name);
+                if !user.groups.is_empty() {
+                    println!("groups: {}", joined(&user.groups));
+                }
+                if user.templates.is_empty() {
+                    println!(
+                        "next: deskgrid entitle --user {} --template TEMPLATE",
+                        user.name
+                    );
+                }
+            }
+            OutputFormat::Json => self.json(user),
+        }
+    }
+
+    pub fn users(&self, users: &[crate::service::users::UserSummary]) {
+        match self.format {
+            OutputFormat::Text => {
+                if users.is_empty() {
+                    println!("no users yet: add one with `deskgrid user add NAME`");
+                    return;
+                }
+                let name_width =
+                    column_width("name", users.iter().map(|user| user.name.to_string()));
+                println!(
+                    "{:<name_width$}  {:<5}  {:<20}  templates",
+                    "name", "role", "groups"
+                );
+                for user in users {
+                    let role = match user.role {
+                        crate::model::Role::Admin => "admin",
+                        crate::model::Role::User => "user",
+                    };
+                    println!(
+                        "{:<name_width$}  {:<5}  {:<20}  {}",
+                        user.name.to_string(),
+                        role,
+                        joined(&user.groups),
+                        joined(&user.templates),
+                    );
+                }
+            }
+            OutputFormat::Json => self.json(&users),
+        }
+    }
+
+    pub fn user_deleted(&self, name: &UserName) {
+        match self.format {
+            OutputFormat::Text => println!("user {name} deleted"),
+            OutputFormat::Json => self.json(&serde_json::json!({ "deleted": name })),
+        }
+    }
+
+    pub fn entitlement(&self, change: &crate::service::users::EntitlementChange) {
+        let subject = match &change.entitlement.subject {
+            crate::model::EntitlementSubject::User(user) => format!("user {user}"),
+            crate::model::EntitlementSubject::Group(group) => format!("group {group}"),
+        };
+        let template = &change.entitlement.template;
+        match self.format {
+            OutputFormat::Text => match (change.removed, change.changed) {
+                (true, _) => println!("{subject} may no longer use template {template}"),
+                (false, true) => println!("{subject} may use template {template}"),
+                (false, false) => println!("{subject} may already use template {template}"),
+            },
+            OutputFormat::Json => self.json(change),
+        }
+    }
+
+    pub fn sessions(&self, sessions: &[crate::service::users::SessionSummary]) {
+        match self.format {
+            OutputFormat::Text => {
+                if sessions.is_empty() {
+                    println!("no sessions");
+                    return;
+                }
+                let user_width =
+                    column_width("user", sessions.iter().map(|row| row.user.to_string()));
+                let server_width =
+                    column_width("server", sessions.iter().map(|row| row.server_name.clone()));
+                println!(
+                    "{:<user_width$}  {:<8}  {:<server_width$}  {:<36}  since",
+                    "user", "state", "server", "vm"
+                );
+                for row in sessions {
+                    let since = row.since_ms.map_or_else(
+                        || "-".to_owned(),
+                        |ms| {
+                            format!(
+                                "{} s ago",
+                                crate::service::now_ms().saturating_sub(ms) / 1000
+                            )
+                        },
+                    );
+                    println!(
+                        "{:<user_width$}  {:<8}  {:<server_width$}  {:<36}  {since}",
+                        row.user.to_string(),
+                        row.state,
+                        row.server_name,
+                        row.vm.to_string(),
+                    );
+                }
+            }
+            OutputFormat::Json => self.json(&sessions),
+        }
+    }
+
+    pub fn logged_off(&self, report: &crate::service::desktops::LogoffReport) {
+        match self.format {
+            OutputFormat::Text => println!(
+                "user {}: {} session(s) ended on {}",
+                report.user,
+                report.ended,
+                report.servers.join(", ")
+            ),
+            OutputFormat::Json => self.json(report),
+        }
+    }
+
+    /// A reserved desktop: the ticket goes into the .vv file (and the JSON
+    /// a script asked for), never onto a terminal.
+    pub fn connected(&self, reservation: &crate::service::desktops::Reservation, vv_file: &Path) {
+        match self.format {
+            OutputFormat::Text => {
+                let protocol = display_label(reservation.protocol);
+                let again = if reservation.returning {
+                    " (your existing desktop)"
+                } else {
+                    ""
+                };
+                println!(
+                    "desktop {} of template {} on {}{again}",
+                    reservation.vm, reservation.template, reservation.server
+                );
+                println!(
+                    "display: {protocol}://{}:{}",
+                    reservation.host, reservation.port
+                );
+                println!(
+                    "ticket valid for {} s; open it with: remote-viewer {}",
+                    reservation
+                        .expires_at_ms
+                        .saturating_sub(crate::service::now_ms())
+                        / 1000,
+                    vv_file.display()
+                );
+            }
+            OutputFormat::Json => self.json(&serde_json::json!({
+                "reservation": reservation,
+                "vv_file": vv_file,
+            })),
+        }
+    }
+}
+
+fn joined<T: std::fmt::Display>(items: &[T]) -> String {
+    if items.is_empty() {
+        return "-".to_owned();
+    }
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Base images (`deskgrid image`).
 impl Output {
     /// Whether results are printed for people (progress bars make sense).

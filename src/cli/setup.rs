@@ -125,7 +125,7 @@ fn read_admin_password(file: Option<&std::path::Path>) -> anyhow::Result<String>
     Ok(first)
 }
 
-fn prompt_hidden(prompt: &str) -> anyhow::Result<String> {
+pub(super) fn prompt_hidden(prompt: &str) -> anyhow::Result<String> {
     use nix::sys::termios::{tcgetattr, tcsetattr, LocalFlags, SetArg};
     let stdin = std::io::stdin();
     let saved = tcgetattr(&stdin).context("cannot read the terminal settings")?;

@@ -79,12 +79,29 @@ pub enum ReserveRefusal {
 pub type ReserveFuture =
     Pin<Box<dyn Future<Output = Result<Reservation, ReserveRefusal>> + Send + 'static>>;
 
+/// What [`DesktopDesk::log_off`] resolves to: how many sessions and
+/// reservations were ended.
+pub type LogoffFuture = Pin<Box<dyn Future<Output = Result<u32, ReserveRefusal>> + Send + 'static>>;
+
 /// The hosting side of a reservation: this server's desktop service.
 pub trait DesktopDesk: Send + Sync + std::fmt::Debug {
     /// Reserves a ready VM of the request's template for its user (or the
     /// user's own session or personal VM, first), sets a one-time display
     /// ticket and says how to connect.
     fn reserve(&self, request: ReserveRequest) -> ReserveFuture;
+
+    /// Ends `user`'s sessions and reservations on this server (the admin's
+    /// `deskgrid session logoff`): a reservation is released, a session is
+    /// logged off through the guest agent and its desktop refreshed as
+    /// after a logout. Answers how many it ended. The default ends nothing
+    /// and says so, for a desktop service that cannot yet.
+    fn log_off(&self, user: UserName) -> LogoffFuture {
+        Box::pin(async move {
+            Err(ReserveRefusal::Unavailable {
+                reason: format!("this server's desktop service cannot log {user} off yet"),
+            })
+        })
+    }
 }
 
 /// This server's [`DesktopDesk`] before and after it exists: the desktop
@@ -118,6 +135,18 @@ impl DesktopDesk for DeskSlot {
     fn reserve(&self, request: ReserveRequest) -> ReserveFuture {
         match self.desk.get() {
             Some(desk) => desk.reserve(request),
+            None => Box::pin(async {
+                Err(ReserveRefusal::Unavailable {
+                    reason: "the desktop service has not started (no host connection yet)"
+                        .to_owned(),
+                })
+            }),
+        }
+    }
+
+    fn log_off(&self, user: UserName) -> LogoffFuture {
+        match self.desk.get() {
+            Some(desk) => desk.log_off(user),
             None => Box::pin(async {
                 Err(ReserveRefusal::Unavailable {
                     reason: "the desktop service has not started (no host connection yet)"

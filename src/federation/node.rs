@@ -37,6 +37,12 @@
 //! refused for being many. Difference-disk parts take the same slots.
 //! [`request_manifest`], [`request_chunk`] and [`request_diff_part`] are
 //! the asking side.
+//!
+//! Desktops: a broker's [`PeerRequest::Reserve`] and an admin's
+//! [`PeerRequest::LogOff`] go to the [`DesktopDesk`] in the [`DeskSlot`]
+//! the serve process fills once its desktop service runs (empty: the
+//! answer is `Unavailable`); only grid members may ask. [`request_reserve`]
+//! and [`request_log_off`] are the asking side; they bound what comes back.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -54,7 +60,8 @@ use super::transport::{
     BoxFuture, PeerConnection, PeerEndpoint, PeerHandler, PeerIdentity, TransportError,
     MAX_MESSAGE_BYTES,
 };
-use crate::model::{ImageVersionId, ServerId};
+use crate::desktop::{DeskSlot, DesktopDesk, Reservation, ReserveRefusal, ReserveRequest};
+use crate::model::{ImageVersionId, ServerId, UserName};
 use crate::state::{Delta, VersionVector};
 use crate::transfer::{Encoding, Manifest};
 
@@ -338,6 +345,153 @@ pub async fn request_diff_part(
     }
 }
 
+/// Why asking a peer for a desktop (or a logoff) got no answer from its
+/// desktop service.
+#[derive(Debug, thiserror::Error)]
+pub enum DeskRequestError {
+    #[error("the request did not complete")]
+    Transport(#[from] TransportError),
+    #[error("the answer cannot be decoded")]
+    Protocol(#[from] ProtocolError),
+    /// The desktop service answered no.
+    #[error(transparent)]
+    Refused(ReserveRefusal),
+    /// The federation refused before the desktop service saw the request
+    /// (a removed server, a peer of an older version).
+    #[error("refused: {reason}")]
+    PeerRefused { reason: String },
+    #[error("the answer to a {asked} request is something else")]
+    Unexpected { asked: &'static str },
+    #[error("the answer's {field} is {len} bytes long, the limit is {max}")]
+    Oversized {
+        field: &'static str,
+        len: usize,
+        max: usize,
+    },
+}
+
+/// The longest display host, server name or ticket a peer may send back: a
+/// DNS name is at most 253 bytes, a SPICE ticket far shorter.
+const MAX_RESERVATION_TEXT: usize = 253;
+/// The longest refusal reason kept from a peer.
+const MAX_REFUSAL_TEXT: usize = 1024;
+
+/// Asks the server at the other end of `connection` to reserve a desktop.
+/// The texts of the answer are bounded before it is returned.
+pub async fn request_reserve(
+    connection: &PeerConnection,
+    request: &ReserveRequest,
+    deadline: Duration,
+) -> Result<Reservation, DeskRequestError> {
+    let answer = connection
+        .request(
+            &protocol::encode(&PeerRequest::Reserve(request.clone())),
+            deadline,
+        )
+        .await?;
+    match protocol::decode::<PeerResponse>(&answer)? {
+        PeerResponse::Reserved(reservation) => {
+            for (field, text) in [
+                ("server", &reservation.server),
+                ("host", &reservation.host),
+                ("password", &reservation.password),
+            ] {
+                bound(field, text, MAX_RESERVATION_TEXT)?;
+            }
+            Ok(*reservation)
+        }
+        PeerResponse::ReserveRefused(refusal) => Err(bounded_refusal(refusal)?),
+        PeerResponse::Refused { reason } => Err(DeskRequestError::PeerRefused { reason }),
+        _ => Err(DeskRequestError::Unexpected { asked: "reserve" }),
+    }
+}
+
+/// Asks the server at the other end of `connection` to end `user`'s
+/// sessions and reservations; answers how many ended.
+pub async fn request_log_off(
+    connection: &PeerConnection,
+    user: &UserName,
+    deadline: Duration,
+) -> Result<u32, DeskRequestError> {
+    let answer = connection
+        .request(
+            &protocol::encode(&PeerRequest::LogOff { user: user.clone() }),
+            deadline,
+        )
+        .await?;
+    match protocol::decode::<PeerResponse>(&answer)? {
+        PeerResponse::LoggedOff { ended } => Ok(ended),
+        PeerResponse::ReserveRefused(refusal) => Err(bounded_refusal(refusal)?),
+        PeerResponse::Refused { reason } => Err(DeskRequestError::PeerRefused { reason }),
+        _ => Err(DeskRequestError::Unexpected { asked: "logoff" }),
+    }
+}
+
+fn bound(field: &'static str, text: &str, max: usize) -> Result<(), DeskRequestError> {
+    if text.len() > max {
+        return Err(DeskRequestError::Oversized {
+            field,
+            len: text.len(),
+            max,
+        });
+    }
+    Ok(())
+}
+
+/// The refusal as an error, once its texts are bounded.
+fn bounded_refusal(refusal: ReserveRefusal) -> Result<DeskRequestError, DeskRequestError> {
+    match &refusal {
+        ReserveRefusal::NoneFree { .. } => {}
+        ReserveRefusal::Unavailable { reason } | ReserveRefusal::Failed { reason } => {
+            bound("refusal reason", reason, MAX_REFUSAL_TEXT)?;
+        }
+    }
+    Ok(DeskRequestError::Refused(refusal))
+}
+
+/// Answers a desktop request from `peer` through this server's desktop
+/// service: only grid members that are not removed may ask.
+async fn answer_desk(
+    access: &Arc<dyn GridStateAccess>,
+    desk: &DeskSlot,
+    peer: PeerIdentity,
+    request: PeerRequest,
+) -> PeerResponse {
+    let server = match peer {
+        PeerIdentity::Server(server) => server,
+        PeerIdentity::Joiner { remote } => {
+            tracing::warn!(%remote, "a connection without a certificate asked for a desktop");
+            return PeerResponse::Refused {
+                reason: "a join connection may only join".to_owned(),
+            };
+        }
+    };
+    if blocking(access, move |access| access.revoked().contains(&server)).await {
+        tracing::warn!(peer = %server, "desktop request from a removed server refused");
+        return PeerResponse::Refused {
+            reason: "this server was removed from the grid".to_owned(),
+        };
+    }
+    let Some(desk): Option<Arc<dyn DesktopDesk>> = desk.get() else {
+        return PeerResponse::ReserveRefused(ReserveRefusal::Unavailable {
+            reason: "the desktop service is not running on this server".to_owned(),
+        });
+    };
+    match request {
+        PeerRequest::Reserve(request) => match desk.reserve(request).await {
+            Ok(reservation) => PeerResponse::Reserved(Box::new(reservation)),
+            Err(refusal) => PeerResponse::ReserveRefused(refusal),
+        },
+        PeerRequest::LogOff { user } => match desk.log_off(user).await {
+            Ok(ended) => PeerResponse::LoggedOff { ended },
+            Err(refusal) => PeerResponse::ReserveRefused(refusal),
+        },
+        _ => PeerResponse::Refused {
+            reason: "not a desktop request".to_owned(),
+        },
+    }
+}
+
 /// Timings of the runtime.
 #[derive(Debug, Clone)]
 pub struct NodeSettings {
@@ -430,6 +584,7 @@ fn drive_membership(
 struct RequestHandler {
     access: Arc<dyn GridStateAccess>,
     chunks: Arc<dyn ChunkSource>,
+    desk: DeskSlot,
     chunk_limits: Arc<ChunkLimits>,
     datagrams: mpsc::Sender<(ServerId, bytes::Bytes)>,
 }
@@ -439,6 +594,7 @@ impl PeerHandler for RequestHandler {
         let access = Arc::clone(&self.access);
         let chunks = Arc::clone(&self.chunks);
         let chunk_limits = Arc::clone(&self.chunk_limits);
+        let desk = self.desk.clone();
         Box::pin(async move {
             let request = match protocol::decode::<PeerRequest>(&request) {
                 Err(error) => {
@@ -449,6 +605,14 @@ impl PeerHandler for RequestHandler {
                 }
                 Ok(request) => request,
             };
+            // Desktop requests wait on the desktop service (async), not on
+            // the state: answered here, off the blocking pool.
+            if matches!(
+                request,
+                PeerRequest::Reserve(_) | PeerRequest::LogOff { .. }
+            ) {
+                return encode_answer(&answer_desk(&access, &desk, peer, request).await);
+            }
             // Held until the answer is encoded: a chunk's bytes are what
             // the slots bound.
             let _slot = match (&peer, &request) {
@@ -574,6 +738,9 @@ fn dispatch(
                     refused(crate::error_chain(&refusal))
                 }
             }
+        }
+        (PeerIdentity::Server(_), PeerRequest::Reserve(_) | PeerRequest::LogOff { .. }) => {
+            refused("desktop requests are answered by the desktop service".to_owned())
         }
         (PeerIdentity::Server(server), PeerRequest::GetDiffPart { image, offset }) => {
             match chunks.read_diff_part(server, &image, offset) {
@@ -729,7 +896,8 @@ fn dialable(addresses: &[String]) -> Option<SocketAddr> {
 /// Runs until `shutdown` turns true. `advertised` is the address other
 /// servers dial (the membership tells it to them); `seeds` are the
 /// `HOST:PORT` addresses of `server.seeds`; `chunks` answers peers'
-/// manifest and chunk requests.
+/// manifest and chunk requests; `desk` their reservations, once the serve
+/// process has put this server's desktop service in it.
 #[allow(
     clippy::too_many_arguments,
     reason = "the composition root hands each component over once, by name"
@@ -738,6 +906,7 @@ pub async fn run(
     endpoint: Arc<PeerEndpoint>,
     access: Arc<dyn GridStateAccess>,
     chunks: Arc<dyn ChunkSource>,
+    desk: DeskSlot,
     mut changes: broadcast::Receiver<Delta>,
     settings: NodeSettings,
     advertised: SocketAddr,
@@ -749,6 +918,7 @@ pub async fn run(
     let server = tokio::spawn(Arc::clone(&endpoint).serve(Arc::new(RequestHandler {
         access: Arc::clone(&access),
         chunks,
+        desk,
         chunk_limits: Arc::new(ChunkLimits::new(
             CHUNK_REQUESTS_PER_PEER,
             CHUNK_REQUESTS_TOTAL,
@@ -1261,5 +1431,166 @@ mod tests {
                 "{n_peers} peers and this server"
             );
         }
+    }
+
+    /// A desk that reserves at once, with a ticket of `ticket_len` bytes.
+    #[derive(Debug)]
+    struct InstantDesk {
+        ticket_len: usize,
+    }
+
+    impl DesktopDesk for InstantDesk {
+        fn reserve(&self, request: ReserveRequest) -> crate::desktop::ReserveFuture {
+            let ticket = "t".repeat(self.ticket_len);
+            Box::pin(async move {
+                Ok(Reservation {
+                    vm: crate::model::VmId::from_bytes([5; 16]),
+                    template: request.template,
+                    server: "host".to_owned(),
+                    protocol: crate::model::DisplayProtocol::Spice,
+                    host: "127.0.0.1".to_owned(),
+                    port: 5900,
+                    password: ticket,
+                    expires_at_ms: 1,
+                    returning: false,
+                })
+            })
+        }
+    }
+
+    fn endpoint(ca: &super::super::identity::GridCa) -> Arc<PeerEndpoint> {
+        let (key, certificate) = ca.issue_for_self(ServerId::random()).unwrap();
+        let material = super::super::transport::TlsMaterial {
+            ca_cert: ca.certificate_der(),
+            cert_chain: vec![certificate.der],
+            key: key.private_key_der(),
+        };
+        Arc::new(
+            PeerEndpoint::bind(
+                "127.0.0.1:0".parse().unwrap(),
+                material,
+                super::super::transport::Revocations::default(),
+            )
+            .unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_reservation_travels_over_quic_to_the_desk_and_back_bounded() {
+        let ca = super::super::identity::GridCa::create(crate::model::GridId::random()).unwrap();
+        let host = endpoint(&ca);
+        let broker = endpoint(&ca);
+        let desk = DeskSlot::default();
+        let (datagrams, _) = mpsc::channel(1);
+        let serving = tokio::spawn(Arc::clone(&host).serve(Arc::new(RequestHandler {
+            access: Arc::new(Grid {
+                revoked: Vec::new(),
+            }),
+            chunks: Arc::new(Chunks),
+            desk: desk.clone(),
+            chunk_limits: Arc::new(ChunkLimits::new(1, 1)),
+            datagrams,
+        })));
+        let connection = broker
+            .connection(host.local_addr().unwrap(), host.server_id())
+            .await
+            .unwrap();
+        let request = ReserveRequest {
+            user: UserName::new("alice").unwrap(),
+            template: crate::model::TemplateName::new("office").unwrap(),
+        };
+        let deadline = Duration::from_secs(10);
+
+        // No desktop service yet: a clear refusal, not a failure.
+        let error = request_reserve(&connection, &request, deadline)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                &error,
+                DeskRequestError::Refused(ReserveRefusal::Unavailable { .. })
+            ),
+            "{error:?}"
+        );
+        let error = request_log_off(&connection, &request.user, deadline)
+            .await
+            .unwrap_err();
+        assert!(matches!(error, DeskRequestError::Refused(_)), "{error:?}");
+
+        assert!(desk.set(Arc::new(InstantDesk { ticket_len: 16 })));
+        let reservation = request_reserve(&connection, &request, deadline)
+            .await
+            .unwrap();
+        assert_eq!(reservation.template, request.template);
+        assert_eq!(reservation.password.len(), 16);
+        // The default logoff of a desk that cannot log off yet says so.
+        let error = request_log_off(&connection, &request.user, deadline)
+            .await
+            .unwrap_err();
+        assert!(
+            crate::error_chain(&error).contains("cannot log alice off yet"),
+            "{error}"
+        );
+        serving.abort();
+
+        // A hosting server that sends back a huge ticket is refused by the asker.
+        let lying_host = endpoint(&ca);
+        let lying_desk = DeskSlot::default();
+        assert!(lying_desk.set(Arc::new(InstantDesk { ticket_len: 10_000 })));
+        let (datagrams, _) = mpsc::channel(1);
+        let serving = tokio::spawn(Arc::clone(&lying_host).serve(Arc::new(RequestHandler {
+            access: Arc::new(Grid { revoked: vec![] }),
+            chunks: Arc::new(Chunks),
+            desk: lying_desk,
+            chunk_limits: Arc::new(ChunkLimits::new(1, 1)),
+            datagrams,
+        })));
+        let connection = broker
+            .connection(lying_host.local_addr().unwrap(), lying_host.server_id())
+            .await
+            .unwrap();
+        let error = request_reserve(&connection, &request, deadline)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "the answer's password is 10000 bytes long, the limit is 253"
+        );
+        serving.abort();
+    }
+
+    #[tokio::test]
+    async fn only_members_that_are_not_removed_may_ask_for_a_desktop() {
+        let removed = server(9);
+        let access: Arc<dyn GridStateAccess> = Arc::new(Grid {
+            revoked: vec![removed],
+        });
+        let desk = DeskSlot::default();
+        assert!(desk.set(Arc::new(InstantDesk { ticket_len: 8 })));
+        let request = || {
+            PeerRequest::Reserve(ReserveRequest {
+                user: UserName::new("alice").unwrap(),
+                template: crate::model::TemplateName::new("office").unwrap(),
+            })
+        };
+        let joiner = PeerIdentity::Joiner {
+            remote: "127.0.0.1:9".parse().unwrap(),
+        };
+        for (peer, expected) in [
+            (joiner, "a join connection may only join"),
+            (
+                PeerIdentity::Server(removed),
+                "this server was removed from the grid",
+            ),
+        ] {
+            match answer_desk(&access, &desk, peer, request()).await {
+                PeerResponse::Refused { reason } => assert_eq!(reason, expected),
+                other => panic!("not refused: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            answer_desk(&access, &desk, PeerIdentity::Server(server(1)), request()).await,
+            PeerResponse::Reserved(_)
+        ));
     }
 }

@@ -8,7 +8,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{GridId, ImageVersionId, ServerId, ServerRecord};
+use crate::desktop::{Reservation, ReserveRefusal, ReserveRequest};
+use crate::model::{GridId, ImageVersionId, ServerId, ServerRecord, UserName};
 use crate::state::{Delta, VersionVector};
 use crate::transfer::{Encoding, Manifest};
 
@@ -55,6 +56,14 @@ pub enum PeerRequest {
     /// [`PeerResponse::Have`] by a server that holds it complete or is
     /// pulling it (swarming: a puller serves the chunks it already has).
     GetHave { image: ImageVersionId },
+    /// A connection broker asks the server that hosts the desktops to
+    /// reserve one for a user; answered with [`PeerResponse::Reserved`] or
+    /// [`PeerResponse::ReserveRefused`]. Only grid members may ask.
+    Reserve(ReserveRequest),
+    /// An admin asks the hosting server to end `user`'s sessions and
+    /// reservations there; answered with [`PeerResponse::LoggedOff`] or
+    /// [`PeerResponse::ReserveRefused`].
+    LogOff { user: UserName },
 }
 
 /// What a joining server sends once it has checked the grid's CA.
@@ -145,6 +154,17 @@ pub enum PeerResponse {
     },
     /// The chunks of the asked version the answerer holds now.
     Have(crate::transfer::Have),
+    /// A desktop reserved for the user of a [`PeerRequest::Reserve`], with
+    /// its one-time display ticket. The asker bounds its texts
+    /// (`node::request_reserve`) before passing it on.
+    Reserved(Box<Reservation>),
+    /// The hosting server reserved nothing (none free, its desktop service
+    /// not running, a failure on its host) or could not log a user off.
+    ReserveRefused(ReserveRefusal),
+    /// The sessions and reservations a [`PeerRequest::LogOff`] ended.
+    LoggedOff {
+        ended: u32,
+    },
     /// Refused, with a reason for an operator.
     Refused {
         reason: String,
@@ -250,6 +270,43 @@ mod tests {
         };
         let answer = PeerResponse::Manifest { manifest };
         assert_eq!(decode::<PeerResponse>(&encode(&answer)), Ok(answer));
+    }
+
+    #[test]
+    fn reservation_messages_round_trip_and_the_ticket_stays_out_of_debug() {
+        let template = crate::model::TemplateName::new("office").unwrap();
+        let user = UserName::new("alice").unwrap();
+        for request in [
+            PeerRequest::Reserve(ReserveRequest {
+                user: user.clone(),
+                template: template.clone(),
+            }),
+            PeerRequest::LogOff { user },
+        ] {
+            assert_eq!(decode::<PeerRequest>(&encode(&request)), Ok(request));
+        }
+        let reserved = PeerResponse::Reserved(Box::new(Reservation {
+            vm: crate::model::VmId::from_bytes([3; 16]),
+            template: template.clone(),
+            server: "b".to_owned(),
+            protocol: crate::model::DisplayProtocol::Spice,
+            host: "10.0.0.2".to_owned(),
+            port: 5901,
+            password: "one-time-ticket".to_owned(),
+            expires_at_ms: 99,
+            returning: false,
+        }));
+        assert!(!format!("{reserved:?}").contains("one-time-ticket"));
+        for answer in [
+            reserved,
+            PeerResponse::ReserveRefused(ReserveRefusal::NoneFree {
+                template,
+                preparing: 2,
+            }),
+            PeerResponse::LoggedOff { ended: 1 },
+        ] {
+            assert_eq!(decode::<PeerResponse>(&encode(&answer)), Ok(answer));
+        }
     }
 
     #[test]

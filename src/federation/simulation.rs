@@ -877,12 +877,14 @@ impl Simulation {
                     };
                     self.send(to, from, Payload::Response(Box::new(response)));
                 }
-                // Joins and image transfer are not simulated.
+                // Joins, image transfer and desktops are not simulated.
                 PeerRequest::Join(_)
                 | PeerRequest::GetManifest { .. }
                 | PeerRequest::GetChunk { .. }
                 | PeerRequest::GetDiffPart { .. }
-                | PeerRequest::GetHave { .. } => {}
+                | PeerRequest::GetHave { .. }
+                | PeerRequest::Reserve(_)
+                | PeerRequest::LogOff { .. } => {}
             },
             Payload::Response(response) => match *response {
                 PeerResponse::State { delta, vector } => {
@@ -903,6 +905,9 @@ impl Simulation {
                 }
                 PeerResponse::Merged { .. }
                 | PeerResponse::Refused { .. }
+                | PeerResponse::Reserved(_)
+                | PeerResponse::ReserveRefused(_)
+                | PeerResponse::LoggedOff { .. }
                 | PeerResponse::Joined(_)
                 | PeerResponse::Have(_)
                 | PeerResponse::Manifest { .. }

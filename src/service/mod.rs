@@ -6,6 +6,7 @@
 
 pub mod accounts;
 pub mod desktop_host;
+pub mod desktops;
 pub mod grid;
 pub mod host_check;
 pub mod host_worker;
@@ -14,6 +15,7 @@ pub mod plan;
 pub mod policy_host;
 pub mod setup;
 pub mod templates;
+pub mod users;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -206,7 +206,7 @@ impl GridService {
 
     /// Deletes the configuration register `key`: a tombstone stamped by this
     /// server, so the deletion wins over older writes everywhere.
-    fn delete(&mut self, key: ConfigKey) -> Result<(), ServiceError> {
+    pub(super) fn delete(&mut self, key: ConfigKey) -> Result<(), ServiceError> {
         let hlc = self.clock.tick(now_ms());
         let delta = self
             .state
