@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# The main job: a local deskgrid grid of three servers on this machine, on the
-# embedded default settings. Sets up the host, builds deskgrid, creates the
-# grid on server 1, joins servers 2 and 3 with a join token, shows that they
-# agree, and serves until Ctrl-C. Run again: it reuses what it made.
+# The main job: deskgrid in one command, a grid of three servers on this
+# machine on the embedded default settings. Sets up the host, builds
+# deskgrid, creates the grid on server 1, joins servers 2 and 3 with a join
+# token, imports the tiny test desktop (with the real deskgrid-agent inside)
+# as a template's base image, waits while the grid replicates it and boots
+# desktops, logs a demo user in and prints the connection details and the
+# .vv file for remote-viewer, then serves until Ctrl-C. Run again: it reuses
+# what it made.
 #   DESKGRID_DEMO_DIR      where the servers' data directories go (/tmp/deskgrid-demo)
 #   DESKGRID_DEMO_SECONDS  stop by itself after that many seconds
 set -euo pipefail
@@ -70,7 +74,42 @@ for _ in $(seq 1 60); do
   [ "$digests" = 1 ] && break
   sleep 0.5
 done
-"$deskgrid" --data-dir "$(dir 1)" status
+dg() { "$deskgrid" --data-dir "$(dir 1)" "$@"; }
+
+image=demo-desktop-1
+if ! dg image list 2>/dev/null | grep -q "$image"; then
+  echo "==> building the test desktop image (a tiny Linux with deskgrid-agent)"
+  guest=$(bash tests/guest/build-guest.sh --add "$PWD/target/release/deskgrid-agent:/deskgrid/agent" | tail -n 1)
+  echo "==> importing it as base image $image"
+  dg image import "$guest" --name "$image"
+fi
+if ! dg template list 2>/dev/null | grep -q '^office\b'; then
+  dg template create office --image "$image" --vcpus 1 --memory 256 --desired 3 --replicas 2
+fi
+user_password=$demo_dir/demo-user-password
+if [ ! -f "$user_password" ]; then
+  (umask 077 && head -c 12 /dev/urandom | base64 >"$user_password")
+  dg user add demo --password-file "$user_password"
+  dg entitle --user demo --template office
+fi
+
+echo "==> waiting for desktops: the grid copies the image and boots them (a few minutes under emulation)"
+ready=0
+for _ in $(seq 1 300); do
+  ready=$(dg --output json status | grep -o '"ready_vms": *[0-9]*' | awk -F: '{ n += $2 } END { print n + 0 }')
+  [ "${ready:-0}" -ge 1 ] && break
+  sleep 2
+done
+dg status
+echo
+if [ "${ready:-0}" -ge 1 ]; then
+  echo "==> logging the demo user in"
+  dg connect --user demo --password-file "$user_password" --vv-file "$demo_dir/demo.vv" ||
+    echo "demo: the login did not get a desktop (see above)" >&2
+  echo "    remote-viewer $demo_dir/demo.vv   # opens the desktop (the file works once)"
+else
+  echo "demo: no desktop became ready in time; see $demo_dir/server-N.log and 'deskgrid status'" >&2
+fi
 echo
 echo "Three servers run under $demo_dir (logs: server-N.log). In another terminal:"
 echo "  $deskgrid --data-dir $(dir 2) status"
