@@ -26,7 +26,8 @@ address() { echo "127.0.0.1:$((7442 + $1))"; }
 settings() {
   echo --name "demo-$1" --site demo --listen "$(address "$1")" \
     --libvirt qemu:///system --pool "deskgrid-demo-$1" \
-    --pool-path "/var/lib/libvirt/images/deskgrid-demo-$1" --domain-type qemu
+    --pool-path "/var/lib/libvirt/images/deskgrid-demo-$1" --domain-type qemu \
+    --network user-mode
 }
 
 servers=()

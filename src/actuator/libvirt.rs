@@ -268,7 +268,7 @@ impl LibvirtHypervisor {
 
     fn check_space(&self, pool: &StoragePool, needed_bytes: u64) -> Result<(), ActuatorError> {
         // Refresh first: other writers (and our own deletes) change free space.
-        pool.refresh(0).map_err(libvirt_error("refresh the pool"))?;
+        refresh_pool(pool)?;
         let info = pool.get_info().map_err(libvirt_error("read pool info"))?;
         if info.available < needed_bytes {
             return Err(ActuatorError::PoolFull {
@@ -467,7 +467,7 @@ impl Hypervisor for LibvirtHypervisor {
             Ok((connection.get_node_info()?, connection.get_free_memory()?))
         })?;
         let pool = self.pool()?;
-        pool.refresh(0).map_err(libvirt_error("refresh the pool"))?;
+        refresh_pool(&pool)?;
         let pool_info = pool.get_info().map_err(libvirt_error("read pool info"))?;
         Ok(HostCapacity {
             cpus: node.cpus,
@@ -514,7 +514,7 @@ impl Hypervisor for LibvirtHypervisor {
                 tracing::info!(pool = %self.options.pool, "storage pool started");
             }
         }
-        pool.refresh(0).map_err(libvirt_error("refresh the pool"))?;
+        refresh_pool(&pool)?;
         let info = pool.get_info().map_err(libvirt_error("read pool info"))?;
         let xml = pool
             .get_xml_desc(0)
@@ -795,7 +795,7 @@ impl Hypervisor for LibvirtHypervisor {
 
     fn list_volumes(&self) -> Result<Vec<VolumeInfo>, ActuatorError> {
         let pool = self.pool()?;
-        pool.refresh(0).map_err(libvirt_error("refresh the pool"))?;
+        refresh_pool(&pool)?;
         let mut volumes = Vec::new();
         for volume in pool
             .list_all_volumes(0)
@@ -1012,7 +1012,7 @@ impl LibvirtHypervisor {
         };
         let active = pool.is_active().map_err(libvirt_error("read pool state"))?;
         if active {
-            pool.refresh(0).map_err(libvirt_error("refresh the pool"))?;
+            refresh_pool(&pool)?;
         }
         let info = pool.get_info().map_err(libvirt_error("read pool info"))?;
         Ok(Some((active, info.capacity, info.available)))
@@ -1144,6 +1144,33 @@ fn connection_lost(error: &VirtError, connection: &Connect) -> bool {
             | ErrorNumber::InvalidConn
             | ErrorNumber::Rpc
     ) || !connection.is_alive().unwrap_or(false)
+}
+
+/// Attempts at a pool refresh while libvirt is busy with the pool.
+const REFRESH_ATTEMPTS: u32 = 8;
+const FIRST_REFRESH_RETRY: Duration = Duration::from_millis(25);
+
+/// Refreshes `pool`, waiting out libvirt's "pool ... has asynchronous jobs
+/// running" (a volume upload or clone in progress on another connection,
+/// such as two desktops cloned at once): up to ~6 s, doubling waits.
+fn refresh_pool(pool: &StoragePool) -> Result<(), ActuatorError> {
+    let mut retry = FIRST_REFRESH_RETRY;
+    let mut attempt = 1;
+    loop {
+        match pool.refresh(0) {
+            Ok(_) => return Ok(()),
+            Err(error)
+                if attempt < REFRESH_ATTEMPTS
+                    && error.message().contains("asynchronous jobs running") =>
+            {
+                tracing::debug!(attempt, error = %error.message(), "pool busy; refreshing again");
+                std::thread::sleep(retry);
+                retry *= 2;
+                attempt += 1;
+            }
+            Err(error) => return Err(libvirt_error("refresh the pool")(error)),
+        }
+    }
 }
 
 fn libvirt_error(operation: &'static str) -> impl Fn(VirtError) -> ActuatorError {

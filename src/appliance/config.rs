@@ -102,7 +102,8 @@ pub struct LibvirtSettings {
     pub pool: String,
     /// Where the pool keeps its files when deskgrid has to create it.
     pub pool_path: String,
-    /// The libvirt network desktop VMs attach to.
+    /// The libvirt network desktop VMs attach to; `user-mode` for QEMU's
+    /// user-mode networking, `none` for no network card.
     pub network: String,
     pub domain_type: DomainType,
     /// How image bytes reach volumes: `auto` writes a local `dir` pool's
@@ -295,7 +296,9 @@ pool = {pool:?}
 # Directory of the pool when deskgrid creates it.
 # Default: "{DEFAULT_POOL_PATH}".
 pool_path = {pool_path:?}
-# libvirt network the desktops' network cards attach to. Default: "default".
+# libvirt network the desktops' network cards attach to; "user-mode" for
+# QEMU's user-mode networking (no host setup, outgoing only), "none" for no
+# network card. Default: "default".
 network = {network:?}
 # "kvm", "qemu" (software emulation, slow) or "auto" (kvm when the host
 # offers it). Default: "auto".

@@ -267,7 +267,8 @@ pub struct ServerSettingsArgs {
     #[arg(long, value_name = "DIR", default_value = crate::appliance::config::DEFAULT_POOL_PATH)]
     pub pool_path: String,
 
-    /// libvirt network the desktops attach to.
+    /// libvirt network the desktops attach to; `user-mode` for QEMU's
+    /// user-mode networking (no host setup), `none` for no network card.
     #[arg(long, value_name = "NAME", default_value = "default")]
     pub network: String,
 

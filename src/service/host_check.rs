@@ -167,6 +167,31 @@ pub fn check_host(settings: &LibvirtSettings) -> HostCheckReport {
         Err(error) => report.add("storage pool", Blocking, crate::error_chain(&error), None),
     }
 
+    match settings.network.as_str() {
+        "none" => report.add(
+            "network",
+            Fine,
+            "desktops get no network card (network = \"none\")".to_owned(),
+            None,
+        ),
+        "user-mode" => report.add(
+            "network",
+            Fine,
+            "desktops use QEMU user-mode networking (outgoing only)".to_owned(),
+            None,
+        ),
+        _ => check_network(&host, settings, &mut report),
+    }
+    report
+}
+
+/// Whether the libvirt network the desktops attach to exists and runs.
+fn check_network(
+    host: &LibvirtHypervisor,
+    settings: &LibvirtSettings,
+    report: &mut HostCheckReport,
+) {
+    use CheckStatus::{Blocking, Ok as Fine};
     match host.network_status(&settings.network) {
         Ok(Some(true)) => report.add("network", Fine, format!("network {:?} is active", settings.network), None),
         Ok(Some(false)) => report.add(
@@ -188,7 +213,6 @@ pub fn check_host(settings: &LibvirtSettings) -> HostCheckReport {
             Some("install libvirt's network driver (Debian: libvirt-daemon-driver-network)".to_owned()),
         ),
     }
-    report
 }
 
 fn human_bytes(bytes: u64) -> String {

@@ -60,10 +60,21 @@ impl DomainSettings {
     pub fn from_config(config: &Config, kind: DomainKind) -> Self {
         Self {
             kind,
-            network: NetworkAttachment::Network(config.libvirt.network.clone()),
+            network: network_attachment(&config.libvirt.network),
             spice_listen: config.server.listen.ip(),
             vnc_listen: IpAddr::V4(Ipv4Addr::LOCALHOST),
         }
+    }
+}
+
+/// The network setting as an attachment: `none` (no network card),
+/// `user-mode` (QEMU's user-mode networking: no host setup, outgoing
+/// connections only), else the name of a libvirt network.
+pub fn network_attachment(network: &str) -> NetworkAttachment {
+    match network {
+        "none" => NetworkAttachment::None,
+        "user-mode" => NetworkAttachment::User,
+        name => NetworkAttachment::Network(name.to_owned()),
     }
 }
 
@@ -882,6 +893,16 @@ mod tests {
 
     /// What wakes the policy loop: a local write, a peer's delta, a change
     /// of the membership view; the same membership news twice does not.
+    #[test]
+    fn the_network_setting_names_a_libvirt_network_or_a_special_mode() {
+        assert_eq!(network_attachment("none"), NetworkAttachment::None);
+        assert_eq!(network_attachment("user-mode"), NetworkAttachment::User);
+        assert_eq!(
+            network_attachment("default"),
+            NetworkAttachment::Network("default".to_owned())
+        );
+    }
+
     #[test]
     fn transfers_show_in_the_record_while_they_run_and_not_after() {
         let temp = tempfile::tempdir().unwrap();
