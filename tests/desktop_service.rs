@@ -428,6 +428,28 @@ async fn two_concurrent_reserves_get_one_vm_once_with_a_ticket() {
     assert_eq!(again.vm, vm);
     assert!(again.returning);
     assert_ne!(again.password, won.password);
+    assert_eq!(
+        again.expires_at_ms, won.expires_at_ms,
+        "coming back renews nothing: the reservation's own expiry"
+    );
+    let (_, again_valid_for) = rig.hypervisor.ticket(vm).unwrap();
+    assert!(again_valid_for <= valid_for);
+
+    // An admin's logoff releases the reservation: the VM is free again.
+    let loser = if winner == "alice" { "bob" } else { "alice" };
+    assert_eq!(
+        desk.log_off(UserName::new(loser).unwrap()).await.unwrap(),
+        0,
+        "holds nothing"
+    );
+    assert_eq!(
+        desk.log_off(UserName::new(winner).unwrap()).await.unwrap(),
+        1
+    );
+    let (state, holder) = rig.state(vm);
+    assert_eq!((state, holder), (VmState::Ready, None::<String>));
+    let taken = desk.reserve(request(loser)).await.unwrap();
+    assert_eq!(taken.vm, vm);
     rig.finish().await;
 }
 

@@ -58,6 +58,8 @@ enum Op {
     RefreshDone,
     Failed,
     Regenerated,
+    /// An admin logs off whoever holds the VM (or a user who does not).
+    LogOffHolder,
 }
 
 #[derive(Debug, Clone)]
@@ -96,6 +98,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => Just(Op::RefreshDone),
         1 => Just(Op::Failed),
         3 => Just(Op::Regenerated),
+        2 => Just(Op::LogOffHolder),
     ]
 }
 
@@ -207,6 +210,9 @@ fn event(op: &Op, vm: &VmLifecycle, now_ms: u64) -> Event {
             reason: "domain crashed".to_owned(),
         },
         Op::Regenerated => Event::Regenerated,
+        Op::LogOffHolder => Event::LogOffRequested {
+            user: vm.holder().cloned().unwrap_or_else(|| user(0)),
+        },
     }
 }
 

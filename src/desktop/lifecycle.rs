@@ -204,6 +204,12 @@ pub enum Event {
     /// The VM has been rebuilt and started again. Accepted in
     /// `Regenerating`.
     Regenerated,
+    /// An admin ends `user`'s use of the VM (`deskgrid session logoff`): a
+    /// reservation is released; a pooled session is logged off and the VM
+    /// refreshed. Refused for a personal VM in use (the agent cannot log a
+    /// user off yet, and its disk must stay) and for a VM `user` does not
+    /// hold.
+    LogOffRequested { user: UserName },
 }
 
 impl Event {
@@ -223,6 +229,7 @@ impl Event {
             Self::RefreshDone => "refresh done",
             Self::Failed { .. } => "failed",
             Self::Regenerated => "regenerated",
+            Self::LogOffRequested { .. } => "logoff requested",
         }
     }
 }
@@ -294,6 +301,8 @@ pub enum Refusal {
     NotLoggedIn { user: UserName },
     #[error("session {session} of {user} is not the VM's current session")]
     StaleSession { user: UserName, session: SessionId },
+    #[error("{user} is logged in on their personal desktop; the agent cannot log a user off yet")]
+    PersonalSession { user: UserName },
 }
 
 /// One desktop VM on the server that hosts it.
@@ -523,6 +532,22 @@ impl VmLifecycle {
                     Ok(Vec::new())
                 }
                 _ => Err(self.wrong_phase(&event)),
+            },
+            Event::LogOffRequested { ref user } => match &self.phase {
+                Phase::Reserved { user: holder, .. } if holder == user => {
+                    let user = holder.clone();
+                    self.phase = Phase::Ready;
+                    Ok(vec![Effect::ReleaseReservation { user }])
+                }
+                Phase::InUse { user: holder, .. } if holder == user => {
+                    if self.kind == TemplateKind::Personal {
+                        return Err(Refusal::PersonalSession { user: user.clone() });
+                    }
+                    let mut effects = vec![Effect::LogOff { user: user.clone() }];
+                    effects.extend(self.end_session());
+                    Ok(effects)
+                }
+                _ => Err(Refusal::NotLoggedIn { user: user.clone() }),
             },
         }
     }
@@ -805,6 +830,48 @@ mod tests {
         ok(&mut vm, reserve(name, 0));
         ok(&mut vm, login(name, 1));
         vm
+    }
+
+    #[test]
+    fn an_admin_logoff_releases_a_reservation_and_ends_a_pooled_session() {
+        let logoff = |name: &str| Event::LogOffRequested { user: user(name) };
+        // A reservation: released, the VM ready again.
+        let mut vm = ready(TemplateKind::Pooled, None);
+        ok(&mut vm, reserve("alice", 0));
+        assert_eq!(
+            ok(&mut vm, logoff("alice")),
+            vec![
+                Effect::ReleaseReservation {
+                    user: user("alice")
+                },
+                recorded(VmState::Ready, None)
+            ]
+        );
+        // A pooled session: logged off and refreshed.
+        let mut vm = in_use(TemplateKind::Pooled, None, "alice");
+        assert!(matches!(
+            apply(&mut vm, logoff("bob")),
+            Err(Refusal::NotLoggedIn { .. })
+        ));
+        assert_eq!(
+            ok(&mut vm, logoff("alice")),
+            vec![
+                Effect::LogOff {
+                    user: user("alice")
+                },
+                Effect::RefreshDisk,
+                recorded(VmState::Refreshing, None)
+            ]
+        );
+        // A personal session stays: its disk is the owner's.
+        let mut vm = in_use(TemplateKind::Personal, Some("alice"), "alice");
+        assert!(matches!(
+            apply(&mut vm, logoff("alice")),
+            Err(Refusal::PersonalSession { .. })
+        ));
+        // Nothing held: refused.
+        let mut vm = ready(TemplateKind::Pooled, None);
+        assert!(apply(&mut vm, logoff("alice")).is_err());
     }
 
     #[test]

@@ -56,7 +56,9 @@ use super::channels::{
     AgentChannel, AgentEvent, AgentReport, ChannelCountersSnapshot, ChannelLimits,
 };
 use super::lifecycle::{Effect, Event, LifecyclePolicy, Phase, VmLifecycle};
-use super::reserve::{DesktopDesk, Reservation, ReserveFuture, ReserveRefusal, ReserveRequest};
+use super::reserve::{
+    DesktopDesk, LogoffFuture, Reservation, ReserveFuture, ReserveRefusal, ReserveRequest,
+};
 use crate::actuator::{DomainState, Hypervisor};
 use crate::model::{
     ServerRecord, SessionId, SessionRecord, Template, TemplateKind, TemplateName, UserName, VmId,
@@ -280,6 +282,11 @@ impl DesktopDesk for DesktopService {
     fn reserve(&self, request: ReserveRequest) -> ReserveFuture {
         let shared = Arc::clone(&self.shared);
         Box::pin(async move { shared.reserve(request).await })
+    }
+
+    fn log_off(&self, user: UserName) -> LogoffFuture {
+        let shared = Arc::clone(&self.shared);
+        Box::pin(async move { shared.log_off(user).await })
     }
 }
 
@@ -686,6 +693,48 @@ impl Shared {
         }
     }
 
+    /// Ends `user`'s reservations and pooled sessions here (an admin's
+    /// `deskgrid session logoff`): each through its lifecycle, written at
+    /// once. A personal desktop in use is refused: the agent cannot log a
+    /// user off yet, and its disk is the owner's.
+    async fn log_off(&self, user: UserName) -> Result<u32, ReserveRefusal> {
+        let mut desks = self.desks.lock().await;
+        let held: Vec<VmId> = desks
+            .vms
+            .iter()
+            .filter(|(_, desk)| desk.lifecycle.holder() == Some(&user))
+            .map(|(vm, _)| *vm)
+            .collect();
+        let mut ended = 0u32;
+        let mut refused = None;
+        for vm in held {
+            let personal_in_use = desks.vms.get(&vm).is_some_and(|desk| {
+                desk.lifecycle.kind() == crate::model::TemplateKind::Personal
+                    && matches!(desk.lifecycle.phase(), Phase::InUse { .. })
+            });
+            if personal_in_use {
+                refused = Some(vm);
+                continue;
+            }
+            if self.apply(
+                &mut desks,
+                vm,
+                Event::LogOffRequested { user: user.clone() },
+            ) {
+                ended += 1;
+            }
+        }
+        self.write(&mut desks).await;
+        match (ended, refused) {
+            (0, Some(vm)) => Err(ReserveRefusal::Failed {
+                reason: format!(
+                    "{user} is logged in on personal desktop {vm}; the agent cannot log a user off yet"
+                ),
+            }),
+            _ => Ok(ended),
+        }
+    }
+
     async fn reserve(&self, request: ReserveRequest) -> Result<Reservation, ReserveRefusal> {
         let policy = &self.settings.lifecycle;
         let ttl_ms = policy.reservation_ttl_ms;
@@ -788,16 +837,25 @@ impl Shared {
                 })
             }
         };
-        let expires_at_ms = match decided.as_ref().map(VmLifecycle::phase) {
-            Some(Phase::Reserved { expires_at_ms, .. }) => *expires_at_ms,
+        // A returning user's reservation keeps its expiry (nothing renews
+        // it): the answer and the new ticket say so. A session the user is
+        // logged in to outlasts the ticket, which is good for the TTL.
+        let current = desks
+            .vms
+            .get(&vm)
+            .map(|desk| desk.lifecycle.phase().clone());
+        let expires_at_ms = match (decided.as_ref().map(VmLifecycle::phase), current) {
+            (Some(Phase::Reserved { expires_at_ms, .. }), _) => *expires_at_ms,
+            (None, Some(Phase::Reserved { expires_at_ms, .. })) => expires_at_ms,
             _ => now_ms.saturating_add(ttl_ms),
         };
+        let ticket_ms = expires_at_ms.saturating_sub(now_ms).max(1_000);
 
         let password = crate::actuator::random_display_password(template.display);
         let hypervisor = Arc::clone(&self.hypervisor);
         let ticket = password.clone();
         let endpoint = tokio::task::spawn_blocking(move || {
-            hypervisor.set_display_ticket(vm, &ticket, Duration::from_millis(ttl_ms))
+            hypervisor.set_display_ticket(vm, &ticket, Duration::from_millis(ticket_ms))
         })
         .await
         .map_err(|error| ReserveRefusal::Failed {
