@@ -248,6 +248,20 @@ impl LibvirtHypervisor {
         })
     }
 
+    /// The pool, the volume `name` in it and its capacity in bytes.
+    fn volume_with_capacity(
+        &self,
+        name: &VolumeName,
+    ) -> Result<(StoragePool, StorageVol, u64), ActuatorError> {
+        let pool = self.pool()?;
+        let volume = self.volume(&pool, name)?;
+        let capacity = volume
+            .get_info()
+            .map_err(libvirt_error("read volume info"))?
+            .capacity;
+        Ok((pool, volume, capacity))
+    }
+
     fn volume_info(
         &self,
         volume: &StorageVol,
@@ -611,12 +625,7 @@ impl Hypervisor for LibvirtHypervisor {
         offset: u64,
         length: u64,
     ) -> Result<Vec<u8>, ActuatorError> {
-        let pool = self.pool()?;
-        let volume = self.volume(&pool, name)?;
-        let capacity = volume
-            .get_info()
-            .map_err(libvirt_error("read volume info"))?
-            .capacity;
+        let (pool, volume, capacity) = self.volume_with_capacity(name)?;
         let end = offset.checked_add(length);
         if end.is_none_or(|end| end > capacity) {
             return Err(ActuatorError::OutOfBounds {
@@ -684,12 +693,7 @@ impl Hypervisor for LibvirtHypervisor {
         offset: u64,
         data: &[u8],
     ) -> Result<(), ActuatorError> {
-        let pool = self.pool()?;
-        let volume = self.volume(&pool, name)?;
-        let capacity = volume
-            .get_info()
-            .map_err(libvirt_error("read volume info"))?
-            .capacity;
+        let (pool, volume, capacity) = self.volume_with_capacity(name)?;
         let end = offset.checked_add(data.len() as u64);
         if end.is_none_or(|end| end > capacity) {
             return Err(ActuatorError::OutOfBounds {
@@ -721,12 +725,7 @@ impl Hypervisor for LibvirtHypervisor {
     }
 
     fn sync_volume(&self, name: &VolumeName) -> Result<(), ActuatorError> {
-        let pool = self.pool()?;
-        let volume = self.volume(&pool, name)?;
-        let capacity = volume
-            .get_info()
-            .map_err(libvirt_error("read volume info"))?
-            .capacity;
+        let (pool, volume, capacity) = self.volume_with_capacity(name)?;
         match self.volume_access(&pool, &volume, capacity, true)? {
             // Flushes every write to the file, whichever descriptor made it.
             VolumeAccess::File { file, path } => {
@@ -749,12 +748,7 @@ impl Hypervisor for LibvirtHypervisor {
         name: &VolumeName,
         write: bool,
     ) -> Result<Option<VolumeFile>, ActuatorError> {
-        let pool = self.pool()?;
-        let volume = self.volume(&pool, name)?;
-        let capacity = volume
-            .get_info()
-            .map_err(libvirt_error("read volume info"))?
-            .capacity;
+        let (pool, volume, capacity) = self.volume_with_capacity(name)?;
         Ok(match self.volume_access(&pool, &volume, capacity, write)? {
             VolumeAccess::File { file, path } => Some(VolumeFile::new(file, path, capacity)),
             VolumeAccess::Stream => None,
