@@ -1119,7 +1119,7 @@ fn open(uri: &str) -> Result<Connect, ActuatorError> {
 /// Whether `uri` reaches the libvirt of this very host, so the files of its
 /// `dir` pools are this host's files: no host part (`qemu:///system`,
 /// `qemu:///session`) and no network transport (`+unix` is local).
-fn uri_is_local(uri: &str) -> bool {
+pub fn uri_is_local(uri: &str) -> bool {
     let Some((scheme, rest)) = uri.split_once("://") else {
         return false;
     };

@@ -1,6 +1,6 @@
 //! `config.toml`: this server's own settings (not replicated).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -110,6 +110,11 @@ pub struct LibvirtSettings {
     /// files directly (faster, several writers at once) and uses libvirt
     /// streams otherwise; `streams` always uses libvirt streams.
     pub volume_io: VolumeIo,
+    /// Where SPICE displays listen on the hypervisor host. `None`: the
+    /// server's listen address when libvirt runs on this host, else every
+    /// address of the hypervisor host (an appliance VM's own address is
+    /// not the host's); see [`LibvirtSettings::spice_listen`].
+    pub display_listen: Option<IpAddr>,
 }
 
 /// See [`LibvirtSettings::volume_io`].
@@ -130,11 +135,42 @@ impl Default for LibvirtSettings {
             network: "default".to_owned(),
             domain_type: DomainType::Auto,
             volume_io: VolumeIo::Auto,
+            display_listen: None,
         }
     }
 }
 
 impl LibvirtSettings {
+    /// The address SPICE displays listen on, for a server listening at
+    /// `server_listen`: `display_listen`, else `server_listen` when libvirt
+    /// runs on this host, else every address (`0.0.0.0`).
+    pub fn spice_listen(&self, server_listen: IpAddr) -> IpAddr {
+        match self.display_listen {
+            Some(listen) => listen,
+            None if crate::actuator::libvirt::uri_is_local(&self.uri) => server_listen,
+            None => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        }
+    }
+
+    /// The address viewers dial for a display listening on every address:
+    /// the hypervisor host's, when the libvirt URI names it by IP (an
+    /// appliance VM); `None` when this server's own address is the one.
+    pub fn hypervisor_address(&self) -> Option<IpAddr> {
+        if crate::actuator::libvirt::uri_is_local(&self.uri) {
+            return None;
+        }
+        let rest = self.uri.split_once("://")?.1;
+        let authority = rest.split('/').next()?;
+        let host = authority
+            .rsplit_once('@')
+            .map_or(authority, |(_, host)| host);
+        let host = match host.strip_prefix('[') {
+            Some(bracketed) => bracketed.split(']').next()?,
+            None => host.rsplit_once(':').map_or(host, |(host, _port)| host),
+        };
+        host.parse().ok()
+    }
+
     /// The actuator's view of these settings.
     pub fn libvirt_options(&self) -> crate::actuator::libvirt::LibvirtOptions {
         use crate::actuator::DomainKind;
@@ -307,6 +343,10 @@ domain_type = "{domain_type}"
 # directly (faster, several writers at once) and uses libvirt streams
 # otherwise; "streams" always uses libvirt streams. Default: "auto".
 volume_io = "{volume_io}"
+# Address SPICE displays listen on, on the hypervisor host. Default: this
+# server's listen address when libvirt runs on this host, else every address
+# of the hypervisor host (set it when deskgrid runs in an appliance VM).
+{display_listen}
 "#,
             name = self.server.name,
             site = self.server.site.to_string(),
@@ -324,6 +364,10 @@ volume_io = "{volume_io}"
                 DomainType::Auto => "auto",
                 DomainType::Kvm => "kvm",
                 DomainType::Qemu => "qemu",
+            },
+            display_listen = match self.libvirt.display_listen {
+                Some(listen) => format!("display_listen = \"{listen}\""),
+                None => "# display_listen = \"IP\"".to_owned(),
             },
             volume_io = match self.libvirt.volume_io {
                 VolumeIo::Auto => "auto",
@@ -381,6 +425,11 @@ mod tests {
         config.libvirt.domain_type = DomainType::Qemu;
         config.libvirt.volume_io = VolumeIo::Streams;
         let text = config.to_commented_toml();
+        assert!(text.contains("# display_listen = \"IP\""), "{text}");
+        let parsed: Config = toml::from_str(&text).unwrap();
+        assert_eq!(parsed, config);
+        config.libvirt.display_listen = Some("192.0.2.9".parse().unwrap());
+        let text = config.to_commented_toml();
         let parsed: Config = toml::from_str(&text).unwrap();
         assert_eq!(parsed, config);
         assert!(text.contains("# Default: \"qemu:///system\"."));
@@ -417,6 +466,40 @@ mod tests {
         config.server.advertise = Some("0.0.0.0:7443".parse().unwrap());
         let error = config.validate().unwrap_err();
         assert!(error.contains("server.advertise 0.0.0.0:7443"), "{error}");
+    }
+
+    #[test]
+    fn displays_listen_where_the_hypervisor_can_bind() {
+        let listen: IpAddr = "10.0.0.6".parse().unwrap();
+        let mut libvirt = LibvirtSettings::default();
+        assert_eq!(libvirt.spice_listen(listen), listen, "libvirt on this host");
+        assert_eq!(libvirt.hypervisor_address(), None);
+        libvirt.uri = "qemu+tls://10.0.0.1/system".to_owned();
+        assert_eq!(
+            libvirt.spice_listen(listen),
+            IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            "an appliance VM's address is not the host's"
+        );
+        assert_eq!(
+            libvirt.hypervisor_address(),
+            Some("10.0.0.1".parse().unwrap())
+        );
+        libvirt.uri = "qemu+ssh://root@[2001:db8::1]:22/system".to_owned();
+        assert_eq!(
+            libvirt.hypervisor_address(),
+            Some("2001:db8::1".parse().unwrap())
+        );
+        libvirt.uri = "qemu+tls://hv1.example/system".to_owned();
+        assert_eq!(
+            libvirt.hypervisor_address(),
+            None,
+            "a name is not resolved here"
+        );
+        libvirt.display_listen = Some("10.0.0.1".parse().unwrap());
+        assert_eq!(
+            libvirt.spice_listen(listen),
+            "10.0.0.1".parse::<IpAddr>().unwrap()
+        );
     }
 
     #[test]

@@ -19,14 +19,17 @@ pub struct ServiceDesktopHost {
 }
 
 impl ServiceDesktopHost {
-    /// Viewers dial `server.advertise`'s IP, else `server.listen`'s, for a
-    /// display that listens on every interface (DESIGN.md: a SPICE display
-    /// listens where the server does).
+    /// Viewers dial, for a display that listens on every interface, the
+    /// hypervisor host's IP when libvirt is elsewhere and its URI names it
+    /// (an appliance VM), else `server.advertise`'s IP, else
+    /// `server.listen`'s.
     pub fn new(service: Arc<Mutex<GridService>>, config: &Config) -> Self {
-        let display_address = config
-            .server
-            .advertise
-            .map_or(config.server.listen.ip(), |advertise| advertise.ip());
+        let display_address = config.libvirt.hypervisor_address().unwrap_or_else(|| {
+            config
+                .server
+                .advertise
+                .map_or(config.server.listen.ip(), |advertise| advertise.ip())
+        });
         Self {
             service,
             server_name: config.server.name.clone(),

@@ -61,7 +61,7 @@ impl DomainSettings {
         Self {
             kind,
             network: network_attachment(&config.libvirt.network),
-            spice_listen: config.server.listen.ip(),
+            spice_listen: config.libvirt.spice_listen(config.server.listen.ip()),
             vnc_listen: IpAddr::V4(Ipv4Addr::LOCALHOST),
         }
     }
