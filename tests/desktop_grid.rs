@@ -36,23 +36,27 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+#[path = "support/desktop_guests.rs"]
+mod desktop_guests;
 #[path = "support/pool_grid.rs"]
 mod pool_grid;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::PermissionsExt as _;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::PathBuf;
+use std::process::Output;
 use std::sync::{Barrier, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use common::{deskgrid, free_udp_port, stderr, stdout};
 use deskgrid::desktop::broker::RESERVE_DEADLINE;
+use desktop_guests::{
+    count, guest_image, json, log_tail, ready_total, remove_domains_under, server, wall_clock_ms,
+};
 use pool_grid::{strings, token, Cleanup, Member, Serving, URI};
 use serde_json::Value;
 use virt::connect::Connect;
 
-const AGENT: &str = env!("CARGO_BIN_EXE_deskgrid-agent");
 const IMAGE: &str = "desk-guest-1";
 const TEMPLATE: &str = "desk";
 const DESKTOPS: usize = 4;
@@ -71,8 +75,6 @@ const RETURN_AFTER: Duration = Duration::from_secs(10);
 /// A lapse is noticed at the desktop service's next tick (1 s) and the
 /// record travels to the other server in milliseconds.
 const EXPIRY_SLACK_MS: u64 = 3_000;
-const QEMU_LOG_DIR: &str = "/var/log/libvirt/qemu";
-const LOG_TAIL_LINES: usize = 40;
 
 /// One grid at a time: two would boot eight guests on two cores and blow
 /// both tests' bounds.
@@ -114,35 +116,6 @@ impl Drop for GridCleanup {
         }
         self.dir_last = self.inner.dir.take();
     }
-}
-
-fn log_tail(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
-    format!(
-        "last lines of {}:\n  | {}\n",
-        log.display(),
-        tail.join("\n  | ")
-    )
-}
-
-fn remove_domains_under(marker: &str) {
-    let Ok(mut connection) = Connect::open(Some(URI)) else {
-        return;
-    };
-    for domain in connection.list_all_domains(0).unwrap_or_default() {
-        let ours = domain.get_xml_desc(0).is_ok_and(|xml| xml.contains(marker));
-        if !ours {
-            continue;
-        }
-        let _ = domain.destroy();
-        let _ = domain.undefine();
-        if let Ok(name) = domain.get_name() {
-            let _ = std::fs::remove_file(Path::new(QEMU_LOG_DIR).join(format!("{name}.log")));
-        }
-    }
-    let _ = connection.close();
 }
 
 /// The names of the running domains whose disks are in `member`'s pool.
@@ -256,16 +229,6 @@ impl Grid {
     }
 }
 
-fn wall_clock_ms() -> u64 {
-    u64::try_from(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_millis(),
-    )
-    .unwrap()
-}
-
 /// Sleeps until the wall clock (what `expires_at_ms` is read against)
 /// reaches `ms`.
 fn sleep_until_wall_clock(ms: u64) {
@@ -274,11 +237,6 @@ fn sleep_until_wall_clock(ms: u64) {
 
 fn rand_suffix() -> String {
     format!("{:08x}", rand::random::<u32>())
-}
-
-fn json(output: &Output) -> Value {
-    serde_json::from_slice(&output.stdout)
-        .unwrap_or_else(|error| panic!("not JSON ({error}): {}", stdout(output)))
 }
 
 /// One `deskgrid connect` and what it answered.
@@ -309,29 +267,6 @@ impl Connected {
         );
         answer["reservation"].clone()
     }
-}
-
-/// Server `name`'s entry in a status report.
-fn server<'a>(status: &'a Value, name: &str) -> &'a Value {
-    status["servers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|server| server["name"] == name)
-        .unwrap_or(&Value::Null)
-}
-
-fn count(server: &Value, field: &str) -> u64 {
-    server[field].as_u64().unwrap_or(0)
-}
-
-fn ready_total(status: &Value) -> u64 {
-    status["servers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|server| count(server, "ready_vms"))
-        .sum()
 }
 
 /// `vm` as libvirt names its domain (`dg-vm-` and 32 lowercase hex digits).
@@ -375,29 +310,6 @@ fn serve(cleanup: &mut GridCleanup, member: &Member, started: Instant) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// The test guest with the real agent, built by `tests/guest/build-guest.sh`
-/// or taken from its cache.
-fn guest_image() -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/build-guest.sh");
-    let output = Command::new("bash")
-        .arg(&script)
-        .arg("--add")
-        .arg(format!("{AGENT}:/deskgrid/agent"))
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{} failed ({}):\n{}",
-        script.display(),
-        output.status,
-        stderr(&output)
-    );
-    let printed = stdout(&output);
-    let path = PathBuf::from(printed.lines().last().unwrap_or_default());
-    assert!(path.is_file(), "build-guest.sh printed {printed:?}");
-    path
 }
 
 /// Alpha makes the grid, beta joins; the guest imported on alpha, copied to

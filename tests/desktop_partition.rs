@@ -19,6 +19,8 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+#[path = "support/desktop_guests.rs"]
+mod desktop_guests;
 #[path = "support/pool_grid.rs"]
 mod pool_grid;
 
@@ -26,14 +28,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Barrier;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use common::{deskgrid, stderr, stdout, DESKGRID};
+use desktop_guests::{
+    count, guest_image, json, log_tail, ready_total, remove_domains_under, server, wall_clock_ms,
+};
 use pool_grid::{strings, token, Cleanup, Member, URI};
 use serde_json::Value;
 use virt::connect::Connect;
 
-const AGENT: &str = env!("CARGO_BIN_EXE_deskgrid-agent");
 const IMAGE: &str = "desk-guest-1";
 const TEMPLATE: &str = "desk";
 const DESKTOPS: u64 = 4;
@@ -46,8 +50,6 @@ const CONVERGE_TIMEOUT: Duration = Duration::from_secs(40);
 /// A reservation whose expiry is this close may be gone from the records
 /// by the time they are read (the service notices a lapse within 1 s).
 const EXPIRY_SLACK_MS: u64 = 2_000;
-const QEMU_LOG_DIR: &str = "/var/log/libvirt/qemu";
-const LOG_TAIL_LINES: usize = 40;
 const LEFT_ADDRESS: &str = "10.251.9.1";
 const RIGHT_ADDRESS: &str = "10.251.9.2";
 
@@ -192,92 +194,6 @@ impl Drop for PartitionCleanup {
         // then `dir_last`, then the network: fields drop in order after
         // this body.
     }
-}
-
-fn log_tail(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
-    format!(
-        "last lines of {}:\n  | {}\n",
-        log.display(),
-        tail.join("\n  | ")
-    )
-}
-
-fn remove_domains_under(marker: &str) {
-    let Ok(mut connection) = Connect::open(Some(URI)) else {
-        return;
-    };
-    for domain in connection.list_all_domains(0).unwrap_or_default() {
-        if !domain.get_xml_desc(0).is_ok_and(|xml| xml.contains(marker)) {
-            continue;
-        }
-        let _ = domain.destroy();
-        let _ = domain.undefine();
-        if let Ok(name) = domain.get_name() {
-            let _ = std::fs::remove_file(Path::new(QEMU_LOG_DIR).join(format!("{name}.log")));
-        }
-    }
-    let _ = connection.close();
-}
-
-fn guest_image() -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/build-guest.sh");
-    let output = Command::new("bash")
-        .arg(&script)
-        .arg("--add")
-        .arg(format!("{AGENT}:/deskgrid/agent"))
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{} failed ({}):\n{}",
-        script.display(),
-        output.status,
-        stderr(&output)
-    );
-    let printed = stdout(&output);
-    let path = PathBuf::from(printed.lines().last().unwrap_or_default());
-    assert!(path.is_file(), "build-guest.sh printed {printed:?}");
-    path
-}
-
-fn json(output: &Output) -> Value {
-    serde_json::from_slice(&output.stdout)
-        .unwrap_or_else(|error| panic!("not JSON ({error}): {}", stdout(output)))
-}
-
-fn wall_clock_ms() -> u64 {
-    u64::try_from(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_millis(),
-    )
-    .unwrap()
-}
-
-fn server<'a>(status: &'a Value, name: &str) -> &'a Value {
-    status["servers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|server| server["name"] == name)
-        .unwrap_or(&Value::Null)
-}
-
-fn count(server: &Value, field: &str) -> u64 {
-    server[field].as_u64().unwrap_or(0)
-}
-
-fn ready_total(status: &Value) -> u64 {
-    status["servers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|server| count(server, "ready_vms"))
-        .sum()
 }
 
 fn wait_for(
