@@ -26,6 +26,9 @@
 // A test that unwraps fails with the value it met: exactly what a test should do.
 #![allow(clippy::unwrap_used)]
 
+#[path = "support/vnc_viewer.rs"]
+mod vnc_viewer;
+
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Read;
@@ -406,6 +409,141 @@ fn connect(pool: &str, pool_path: &Path) -> LibvirtHypervisor {
              run `bash scripts/setup-host.sh` as root"
         )
     })
+}
+
+/// libvirt's graphics events reach [`Hypervisor::watch_displays`] from a
+/// real QEMU display and a real VNC viewer (`support/vnc_viewer.rs`): a
+/// wrong password shows as a connection that never authenticates; the
+/// right ticket as connected, authenticated and, when the viewer goes,
+/// disconnected, each naming the viewer's own address and port; after the
+/// watch is dropped nothing more arrives. The domain needs no guest: QEMU
+/// serves the display from the firmware on (an empty disk), so this is fast.
+#[test]
+fn display_events_follow_a_real_vnc_viewer() {
+    use deskgrid::actuator::{DisplayEvent, DisplayPhase};
+    use std::net::SocketAddr;
+    let suffix = format!("{:08x}", rand::random::<u32>());
+    let dir = tempfile::Builder::new()
+        .prefix("deskgrid-actuator-display-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let pool_path = dir.path().join("pool");
+    let vm = VmId::random();
+    let cleanup = Cleanup {
+        pool: format!("dg-test-display-{suffix}"),
+        vms: vec![vm],
+        dir: Some(dir),
+    };
+    let host = connect(&cleanup.pool, &pool_path);
+    host.ensure_pool().unwrap();
+    let image = ImageVersionId::new("display-test-1").unwrap();
+    base_volume(&host, "display-test-1", 16 * MIB);
+    let overlay = host.create_linked_clone(vm, &image).unwrap();
+    let template = Template {
+        name: TemplateName::new("display-test").unwrap(),
+        image: image.clone(),
+        vcpus: 1,
+        memory_mib: 64,
+        desired_vms: 1,
+        min_idle_vms: 0,
+        min_replicas: 1,
+        concurrency_percent: 0,
+        kind: deskgrid::model::TemplateKind::Pooled,
+        display: DisplayProtocol::Vnc,
+        monitors: 1,
+    };
+    let spec = DomainSpec::for_template(
+        &template,
+        vm,
+        DomainKind::Qemu,
+        overlay.path,
+        NetworkAttachment::None,
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        "locked".to_owned(),
+    );
+    host.define_domain(&spec).unwrap();
+
+    let (events, received) = mpsc::channel::<DisplayEvent>();
+    let events = std::sync::Mutex::new(events);
+    let watch = host
+        .watch_displays(Box::new(move |event| {
+            let _ = events.lock().unwrap().send(event);
+        }))
+        .unwrap();
+    assert!(watch.is_alive());
+    host.start_domain(vm).unwrap();
+    let ticket = "t1cket42";
+    let endpoint = host
+        .set_display_ticket(vm, ticket, TICKET_VALID_FOR)
+        .unwrap();
+    let address: SocketAddr = format!("127.0.0.1:{}", endpoint.port).parse().unwrap();
+    // Collects this VM's events until `until` says enough or `wait` passed.
+    let collect_for = |wait: Duration, until: &dyn Fn(&[DisplayEvent]) -> bool| {
+        let deadline = Instant::now() + wait;
+        let mut seen = Vec::new();
+        while !until(&seen) && Instant::now() < deadline {
+            if let Ok(event) = received.recv_timeout(Duration::from_millis(50)) {
+                if event.vm == vm {
+                    seen.push(event);
+                }
+            }
+        }
+        seen
+    };
+    let collect =
+        |until: &dyn Fn(&[DisplayEvent]) -> bool| collect_for(Duration::from_secs(10), until);
+    let phases = |seen: &[DisplayEvent], client: &str| -> Vec<DisplayPhase> {
+        seen.iter()
+            .filter(|event| event.client == client)
+            .map(|event| event.phase)
+            .collect()
+    };
+
+    // A wrong password: connected, refused, gone; never authenticated.
+    match vnc_viewer::attach(address, "wrong-pw") {
+        Err(refused @ vnc_viewer::VncError::Refused(_)) => eprintln!("{refused}"),
+        other => panic!("a wrong password must be refused: {other:?}"),
+    }
+    let seen = collect(&|seen| seen.iter().any(|e| e.phase == DisplayPhase::Disconnected));
+    assert_eq!(
+        seen.iter().map(|event| event.phase).collect::<Vec<_>>(),
+        vec![DisplayPhase::Connected, DisplayPhase::Disconnected],
+        "{seen:?}"
+    );
+
+    // The ticket: connected, authenticated, then disconnected when the
+    // viewer closes, all for the viewer's own address.
+    let viewer = vnc_viewer::attach(address, ticket).unwrap();
+    assert_eq!(
+        viewer.desktop_name,
+        format!("QEMU ({})", naming::domain_name(vm)),
+        "the VM's own display"
+    );
+    let client = viewer.local_addr().to_string();
+    let seen = collect(&|seen| phases(seen, &client).contains(&DisplayPhase::Authenticated));
+    assert_eq!(
+        phases(&seen, &client),
+        vec![DisplayPhase::Connected, DisplayPhase::Authenticated],
+        "{seen:?}"
+    );
+    drop(viewer);
+    let seen = collect(&|seen| !seen.is_empty());
+    assert_eq!(
+        phases(&seen, &client),
+        vec![DisplayPhase::Disconnected],
+        "{seen:?}"
+    );
+
+    // Once the watch is gone, a viewer raises nothing here.
+    drop(watch);
+    let viewer = vnc_viewer::attach(address, ticket).unwrap();
+    drop(viewer);
+    let late = collect_for(Duration::from_secs(1), &|_| false);
+    assert!(late.is_empty(), "events after the watch ended: {late:?}");
+
+    let _ = host.destroy_domain(vm);
+    let _ = host.undefine_domain(vm);
+    drop(cleanup);
 }
 
 /// The test guest's raw image, built by `tests/guest/build-guest.sh` or taken

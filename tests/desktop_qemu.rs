@@ -12,6 +12,15 @@
 //! the other VM stays `Ready` all along and is the one a reservation gets,
 //! with a display ticket set in QEMU.
 //!
+//! Then the viewer side, with libvirt's real graphics events: bob attaches
+//! a real VNC viewer (`support/vnc_viewer.rs`) with his ticket and logs in
+//! on his guest (its init writes his utmp login, and no logout). His viewer
+//! goes away and comes back within the grid policy's disconnect grace (a
+//! second `reserve` gives the returning user the same VM with a new
+//! ticket): his session stays. It goes away for good: after the grace the
+//! pooled desktop is logged off and refreshed, though the guest still
+//! shows him logged in.
+//!
 //! Slow (30-60 s on a 2-core machine: two guests boot under emulation and a
 //! session lasts a few seconds); it runs in the suite because only a real
 //! guest shows that the agent, the channel and the service fit together.
@@ -22,9 +31,12 @@
 // A test that unwraps fails with the value it met: exactly what a test should do.
 #![allow(clippy::unwrap_used)]
 
+#[path = "support/vnc_viewer.rs"]
+mod vnc_viewer;
+
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -49,6 +61,13 @@ const AGENT: &str = env!("CARGO_BIN_EXE_deskgrid-agent");
 /// The guest whose SMBIOS UUID starts with this logs alice in (the first 4
 /// bytes of its VM id; the rest is random, so runs do not collide).
 const LOGIN_PREFIX: [u8; 4] = [0xd5, 0x6e, 0x70, 0x01];
+/// The guest whose UUID starts with this logs bob in, for good.
+const BOB_PREFIX: [u8; 4] = [0xd5, 0x6e, 0x70, 0x02];
+/// After alice's session (and bob's reservation, made while she is in).
+const BOB_LOGIN_AFTER_S: u32 = 20;
+const BOB_SESSION_S: u32 = 3_600;
+/// The grid policy's disconnect grace in this test.
+const GRACE: Duration = Duration::from_secs(2);
 /// Seconds after its agent port appears that the guest logs alice in, and
 /// how long her session lasts: long enough to see `Ready` first and `InUse`
 /// for a while at a 100 ms poll, short enough for the bound below.
@@ -130,6 +149,10 @@ impl DesktopHost for TestHost {
         Some(OwnView {
             record: self.record.lock().unwrap().clone(),
             templates: self.templates.clone(),
+            policy: deskgrid::model::Policy {
+                disconnect_grace_s: GRACE.as_secs() as u32,
+                ..deskgrid::model::Policy::default()
+            },
         })
     }
 
@@ -155,12 +178,9 @@ async fn agents_make_vms_ready_and_a_guest_login_shows_in_the_record() {
     let mut login_bytes: [u8; 16] = rand::random();
     login_bytes[..4].copy_from_slice(&LOGIN_PREFIX);
     let alice_vm = VmId::from_bytes(login_bytes);
-    let other_vm = loop {
-        let vm = VmId::random();
-        if vm.as_bytes()[..4] != LOGIN_PREFIX {
-            break vm;
-        }
-    };
+    let mut bob_bytes: [u8; 16] = rand::random();
+    bob_bytes[..4].copy_from_slice(&BOB_PREFIX);
+    let other_vm = VmId::from_bytes(bob_bytes);
     let vms = [alice_vm, other_vm];
     let cleanup = Cleanup {
         pool: format!("dg-test-desk-{suffix}"),
@@ -202,7 +222,7 @@ async fn agents_make_vms_ready_and_a_guest_login_shows_in_the_record() {
         min_replicas: 1,
         concurrency_percent: 0,
         kind: TemplateKind::Pooled,
-        display: DisplayProtocol::Spice,
+        display: DisplayProtocol::Vnc,
         monitors: 1,
     };
     // What the policy loop does: the VMs in the record as Provisioning,
@@ -245,7 +265,7 @@ async fn agents_make_vms_ready_and_a_guest_login_shows_in_the_record() {
             overlay.path,
             NetworkAttachment::None,
             IpAddr::V4(Ipv4Addr::LOCALHOST),
-            "locked-until-a-ticket".to_owned(),
+            "locked!!".to_owned(),
         );
         spec.console_log = Some(serial_log(&dir_path, vm).to_string_lossy().into_owned());
         host.define_domain(&spec).unwrap();
@@ -308,6 +328,13 @@ async fn agents_make_vms_ready_and_a_guest_login_shows_in_the_record() {
         test_host.vm(other_vm),
         (VmState::Reserved, Some("bob".to_owned()))
     );
+    let display: SocketAddr = format!("{}:{}", reservation.host, reservation.port)
+        .parse()
+        .unwrap();
+    let viewer = vnc_viewer::attach(display, &reservation.password).unwrap();
+    waiter
+        .until_viewers(&service, other_vm, 1, "bob's viewer is attached")
+        .await;
 
     waiter
         .until("alice logged out", |host, vms| {
@@ -316,6 +343,58 @@ async fn agents_make_vms_ready_and_a_guest_login_shows_in_the_record() {
         .await;
     assert_eq!(test_host.vm(alice_vm).1, None);
     assert!(test_host.record.lock().unwrap().sessions.is_empty());
+
+    waiter
+        .until("bob is logged in", |host, vms| {
+            host.vm(vms[1]).0 == VmState::InUse
+        })
+        .await;
+    // His viewer drops and comes back within the grace: the returning user
+    // gets the same VM and a new ticket, and keeps his session.
+    drop(viewer);
+    waiter
+        .until_viewers(&service, other_vm, 0, "bob's viewer is gone")
+        .await;
+    let again = service
+        .desk()
+        .reserve(ReserveRequest {
+            user: UserName::new("bob").unwrap(),
+            template: template.name.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!((again.vm, again.returning), (other_vm, true));
+    assert_ne!(again.password, reservation.password, "a new ticket");
+    let viewer = vnc_viewer::attach(display, &again.password).unwrap();
+    waiter
+        .until_viewers(&service, other_vm, 1, "bob's viewer is back")
+        .await;
+    tokio::time::sleep(GRACE * 2).await;
+    assert_eq!(
+        test_host.vm(other_vm),
+        (VmState::InUse, Some("bob".to_owned())),
+        "back within the grace: the session stays"
+    );
+    // Gone for good: after the grace the pooled desktop is refreshed, while
+    // the guest itself still shows bob logged in.
+    let left = Instant::now();
+    drop(viewer);
+    waiter
+        .until("bob's disconnected session ended", |host, vms| {
+            host.vm(vms[1]).0 == VmState::Refreshing
+        })
+        .await;
+    assert!(
+        left.elapsed() >= GRACE,
+        "ended {:?} after the disconnect",
+        left.elapsed()
+    );
+    assert!(test_host.record.lock().unwrap().sessions.is_empty());
+    assert!(
+        service.counters().display_events >= 6,
+        "{:?}",
+        service.counters()
+    );
     let counters = service.counters();
     assert_eq!(counters.invalid_names, 0, "{counters:?}");
     for vm in vms {
@@ -346,6 +425,21 @@ struct Waiter {
 }
 
 impl Waiter {
+    async fn until_viewers(&self, service: &DesktopService, vm: VmId, count: usize, what: &str) {
+        loop {
+            if service.viewer_connections(vm).await == count {
+                eprintln!("{what} after {:.1} s", self.booted.elapsed().as_secs_f64());
+                return;
+            }
+            assert!(
+                self.started.elapsed() < TEST_BOUND,
+                "timed out waiting until {what}: {:?}",
+                service.counters()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     async fn until(&self, what: &str, done: fn(&TestHost, &[VmId]) -> bool) {
         loop {
             if done(&self.host, &self.vms) {
@@ -376,9 +470,16 @@ fn guest_image(dir: &Path) -> PathBuf {
         .iter()
         .map(|byte| format!("{byte:02x}"))
         .collect();
+    let bob_prefix: String = BOB_PREFIX
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect();
     std::fs::write(
         &logins,
-        format!("{prefix} alice {LOGIN_AFTER_S} {SESSION_S}\n"),
+        format!(
+            "{prefix} alice {LOGIN_AFTER_S} {SESSION_S}\n\
+             {bob_prefix} bob {BOB_LOGIN_AFTER_S} {BOB_SESSION_S}\n"
+        ),
     )
     .unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/build-guest.sh");

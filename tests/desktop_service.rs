@@ -22,6 +22,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use deskgrid::actuator::domain_xml::NetworkAttachment;
 use deskgrid::actuator::fake::FakeHypervisor;
+use deskgrid::actuator::DisplayPhase;
 use deskgrid::actuator::{DomainKind, DomainSpec, Hypervisor, VolumeFormat};
 use deskgrid::desktop::channels::ChannelLimits;
 use deskgrid::desktop::lifecycle::LifecyclePolicy;
@@ -29,8 +30,8 @@ use deskgrid::desktop::protocol::{encode, Message, MAX_FRAME_PAYLOAD};
 use deskgrid::desktop::reserve::{ReserveRefusal, ReserveRequest};
 use deskgrid::desktop::service::{DesktopHost, DesktopService, DesktopSettings, OwnView};
 use deskgrid::model::{
-    ImageVersionId, ServerRecord, SessionRecord, SiteLabel, Template, TemplateKind, TemplateName,
-    UserName, VmId, VmRecord, VmState,
+    ImageVersionId, Policy, ServerRecord, SessionRecord, SiteLabel, Template, TemplateKind,
+    TemplateName, UserName, VmId, VmRecord, VmState,
 };
 use tokio::sync::watch;
 
@@ -41,6 +42,7 @@ struct TestHost {
     record: std::sync::Mutex<ServerRecord>,
     templates: BTreeMap<TemplateName, Template>,
     writes: AtomicU64,
+    policy: std::sync::Mutex<Policy>,
 }
 
 impl TestHost {
@@ -72,6 +74,7 @@ impl DesktopHost for TestHost {
         Some(OwnView {
             record: self.record(),
             templates: self.templates.clone(),
+            policy: self.policy.lock().unwrap().clone(),
         })
     }
 
@@ -183,6 +186,7 @@ fn rig(n_vms: u8, n_started: u8, settings: DesktopSettings) -> (Rig, Vec<VmId>) 
         record: std::sync::Mutex::new(record),
         templates: BTreeMap::from([(office(), template())]),
         writes: AtomicU64::new(0),
+        policy: std::sync::Mutex::new(Policy::default()),
     });
     let service = DesktopService::new(
         Arc::clone(&host) as Arc<dyn DesktopHost>,
@@ -583,4 +587,123 @@ async fn a_hostile_agent_is_counted_and_dropped_and_others_are_served() {
     let reservation = rig.service.desk().reserve(request("carol")).await.unwrap();
     assert!([honest, odd].contains(&reservation.vm));
     rig.finish().await;
+}
+
+/// Viewer events (libvirt's graphics events; here the fake host raises
+/// them): a session whose last authenticated viewer connection closed stays
+/// the user's for the grid policy's grace, a reconnect within it keeps it,
+/// and once the grace runs out the pooled desktop is logged off and
+/// refreshed. Connections that never passed the display password (a port
+/// scan) change nothing; a SPICE viewer's several connections count as one
+/// viewer until the last one closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnected_viewer_keeps_the_session_for_the_grace_then_the_desktop_is_refreshed() {
+    const GRACE: Duration = Duration::from_secs(1);
+    let (rig, vms) = rig(1, 1, settings(generous()));
+    rig.host.policy.lock().unwrap().disconnect_grace_s = 1;
+    let vm = vms[0];
+    rig.hello(vm);
+    rig.until_state(vm, VmState::Ready).await;
+    let reservation = rig.service.desk().reserve(request("alice")).await.unwrap();
+    assert_eq!(reservation.vm, vm);
+
+    // A port scan: connected, never authenticated, gone.
+    assert_eq!(
+        rig.hypervisor
+            .display_event(vm, DisplayPhase::Connected, "10.0.0.9:4000"),
+        1
+    );
+    rig.hypervisor
+        .display_event(vm, DisplayPhase::Disconnected, "10.0.0.9:4000");
+    // Alice's viewer: two connections (SPICE main and display channels).
+    for client in ["10.0.0.5:5001", "10.0.0.5:5002"] {
+        rig.hypervisor
+            .display_event(vm, DisplayPhase::Connected, client);
+        rig.hypervisor
+            .display_event(vm, DisplayPhase::Authenticated, client);
+    }
+    rig.says(vm, &login("alice", "tty1"));
+    rig.until_state(vm, VmState::InUse).await;
+    rig.until("both viewer connections are counted", |_| {
+        futures_now(rig.service.viewer_connections(vm)) == 2
+    })
+    .await;
+
+    // One channel closes: the viewer is still there, the grace never starts.
+    rig.hypervisor
+        .display_event(vm, DisplayPhase::Disconnected, "10.0.0.5:5001");
+    tokio::time::sleep(GRACE * 2).await;
+    assert_eq!(rig.state(vm), (VmState::InUse, Some("alice".to_owned())));
+
+    // The last one closes, and the viewer comes back within the grace.
+    rig.hypervisor
+        .display_event(vm, DisplayPhase::Disconnected, "10.0.0.5:5002");
+    tokio::time::sleep(GRACE / 4).await;
+    rig.hypervisor
+        .display_event(vm, DisplayPhase::Authenticated, "10.0.0.7:6001");
+    tokio::time::sleep(GRACE * 2).await;
+    assert_eq!(
+        rig.state(vm),
+        (VmState::InUse, Some("alice".to_owned())),
+        "a reconnect within the grace keeps the session"
+    );
+
+    // Gone for good: the grace runs out, the pooled desktop is refreshed.
+    let left = Instant::now();
+    rig.hypervisor
+        .display_event(vm, DisplayPhase::Disconnected, "10.0.0.7:6001");
+    rig.until_state(vm, VmState::Refreshing).await;
+    assert!(
+        left.elapsed() >= GRACE,
+        "refreshed {:?} after the disconnect, before the {GRACE:?} grace",
+        left.elapsed()
+    );
+    let record = rig.host.record();
+    assert!(record.sessions.is_empty(), "{:?}", record.sessions);
+    assert_eq!(record.vms[&vm].user, None);
+    assert_eq!(rig.service.viewer_connections(vm).await, 0);
+    let counters = rig.service.counters();
+    assert_eq!(counters.display_events, 10, "{counters:?}");
+    assert_eq!(counters.display_events_dropped, 0, "{counters:?}");
+    rig.finish().await;
+}
+
+/// A viewer that never authenticates and events for VMs the service does
+/// not know change nothing; a disconnect without a viewer starts no grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_or_unknown_display_events_change_nothing() {
+    let (rig, vms) = rig(1, 1, settings(generous()));
+    rig.host.policy.lock().unwrap().disconnect_grace_s = 0;
+    let vm = vms[0];
+    rig.hello(vm);
+    rig.until_state(vm, VmState::Ready).await;
+    rig.service.desk().reserve(request("bob")).await.unwrap();
+    rig.says(vm, &login("bob", "tty1"));
+    rig.until_state(vm, VmState::InUse).await;
+    let stranger = VmId::from_bytes([0xee; 16]);
+    rig.hypervisor
+        .display_event(stranger, DisplayPhase::Authenticated, "10.0.0.1:1");
+    rig.hypervisor
+        .display_event(stranger, DisplayPhase::Disconnected, "10.0.0.1:1");
+    for _ in 0..50 {
+        rig.hypervisor
+            .display_event(vm, DisplayPhase::Connected, "10.0.0.2:2");
+        rig.hypervisor
+            .display_event(vm, DisplayPhase::Disconnected, "10.0.0.2:2");
+    }
+    rig.until("all events are seen", |rig| {
+        rig.service.counters().display_events == 102
+    })
+    .await;
+    // Ticks pass with a zero grace: nothing started it.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(rig.state(vm), (VmState::InUse, Some("bob".to_owned())));
+    assert_eq!(rig.service.viewer_connections(vm).await, 0);
+    rig.finish().await;
+}
+
+/// Polls a future once on the current thread: the service's counters are
+/// behind an async lock that is free between its loop turns.
+fn futures_now<F: std::future::Future>(future: F) -> F::Output {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(future))
 }

@@ -420,6 +420,12 @@ impl Hypervisor for InstrumentedHypervisor {
     fn open_guest_channel(&self, vm: VmId) -> Result<Box<dyn GuestChannel>, ActuatorError> {
         self.inner.open_guest_channel(vm)
     }
+    fn watch_displays(
+        &self,
+        sink: deskgrid::actuator::DisplaySink,
+    ) -> Result<Box<dyn deskgrid::actuator::DisplayWatch>, ActuatorError> {
+        self.inner.watch_displays(sink)
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use super::domain_xml::{DomainSpec, VolumeFormat};
 use super::hypervisor::{
-    ActuatorError, DisplayEndpoint, DomainState, DomainStatus, GuestChannel, Hypervisor, PoolInfo,
-    Progress, ShutdownOutcome, VolumeInfo,
+    ActuatorError, DisplayEndpoint, DisplayEvent, DisplayPhase, DisplaySink, DisplayWatch,
+    DomainState, DomainStatus, GuestChannel, Hypervisor, PoolInfo, Progress, ShutdownOutcome,
+    VolumeInfo,
 };
 use super::naming::VolumeName;
 use crate::model::{HostCapacity, ImageVersionId, VmId};
@@ -34,6 +35,8 @@ struct FakeHost {
     foreign_volumes: BTreeMap<String, u64>,
     domains: BTreeMap<VmId, FakeDomain>,
     next_port: u16,
+    /// Subscribers to display events; a dropped watch leaves a dead entry.
+    display_sinks: Vec<std::sync::Weak<DisplaySink>>,
 }
 
 #[derive(Debug)]
@@ -83,6 +86,7 @@ impl FakeHypervisor {
                 foreign_volumes: BTreeMap::new(),
                 domains: BTreeMap::new(),
                 next_port: 5900,
+                display_sinks: Vec::new(),
             })),
         }
     }
@@ -129,6 +133,28 @@ impl FakeHypervisor {
             .domains
             .get(&vm)
             .and_then(|domain| domain.ticket.clone())
+    }
+
+    /// A viewer connection event on `vm`'s display, as libvirt would raise
+    /// it, delivered to every live [`Hypervisor::watch_displays`] sink.
+    /// Returns how many sinks got it.
+    pub fn display_event(&self, vm: VmId, phase: DisplayPhase, client: &str) -> usize {
+        let sinks: Vec<Arc<DisplaySink>> = {
+            let mut host = self.host();
+            host.display_sinks.retain(|sink| sink.strong_count() > 0);
+            host.display_sinks
+                .iter()
+                .filter_map(std::sync::Weak::upgrade)
+                .collect()
+        };
+        for sink in &sinks {
+            sink(DisplayEvent {
+                vm,
+                phase,
+                client: client.to_owned(),
+            });
+        }
+        sinks.len()
     }
 
     /// The domain spec last defined for `vm`.
@@ -559,6 +585,29 @@ impl Hypervisor for FakeHypervisor {
         Ok(Box::new(FakeChannel {
             pipe: self.pipe(vm)?,
         }))
+    }
+
+    fn watch_displays(&self, sink: DisplaySink) -> Result<Box<dyn DisplayWatch>, ActuatorError> {
+        let sink = Arc::new(sink);
+        self.host().display_sinks.push(Arc::downgrade(&sink));
+        Ok(Box::new(FakeDisplayWatch { _sink: sink }))
+    }
+}
+
+/// Holds its sink alive; [`FakeHypervisor::display_event`] reaches it.
+struct FakeDisplayWatch {
+    _sink: Arc<DisplaySink>,
+}
+
+impl std::fmt::Debug for FakeDisplayWatch {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("FakeDisplayWatch")
+    }
+}
+
+impl DisplayWatch for FakeDisplayWatch {
+    fn is_alive(&self) -> bool {
+        true
     }
 }
 

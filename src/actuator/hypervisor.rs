@@ -157,6 +157,41 @@ impl VolumeFile {
 /// A byte stream to a guest agent's virtio-serial channel.
 pub trait GuestChannel: Read + Write + Send + std::fmt::Debug {}
 
+/// What a desktop's display saw of one viewer connection (libvirt's
+/// graphics events). A SPICE viewer opens several connections (one per
+/// channel); each has its own `client` address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DisplayPhase {
+    /// A client opened a connection; not yet authenticated (a port scan
+    /// looks the same).
+    Connected,
+    /// The client passed the display password: a viewer is attached.
+    Authenticated,
+    /// The connection closed.
+    Disconnected,
+}
+
+/// One graphics event of a deskgrid domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DisplayEvent {
+    pub vm: VmId,
+    pub phase: DisplayPhase,
+    /// The viewer's end of the connection (`address:port`), as the
+    /// hypervisor reports it; tells one connection from another.
+    pub client: String,
+}
+
+/// Where display events go. Called on the hypervisor's event thread: it must
+/// return quickly and never block.
+pub type DisplaySink = Box<dyn Fn(DisplayEvent) + Send + Sync>;
+
+/// A subscription to display events; dropping it ends it.
+pub trait DisplayWatch: Send + std::fmt::Debug {
+    /// Whether events still arrive. `false` after the connection to the
+    /// hypervisor was lost: subscribe again.
+    fn is_alive(&self) -> bool;
+}
+
 /// Called with the bytes done so far during long transfers.
 pub type Progress<'a> = &'a mut dyn FnMut(u64);
 
@@ -341,6 +376,10 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
 
     /// Opens the guest agent's channel of a running domain.
     fn open_guest_channel(&self, vm: VmId) -> Result<Box<dyn GuestChannel>, ActuatorError>;
+
+    /// Subscribes `sink` to viewer connects and disconnects on every
+    /// deskgrid domain of this host, until the returned watch is dropped.
+    fn watch_displays(&self, sink: DisplaySink) -> Result<Box<dyn DisplayWatch>, ActuatorError>;
 }
 
 /// Runs [`Hypervisor`] calls off the async workers.

@@ -1,5 +1,6 @@
-//! [`Hypervisor`] on a real libvirt connection (`virt` crate). The only file
-//! in deskgrid that talks to libvirt.
+//! [`Hypervisor`] on a real libvirt connection (`virt` crate). With its
+//! submodule `events` (viewer connects and disconnects), the only code in
+//! deskgrid that talks to libvirt.
 //!
 //! One `Connect` is shared by all calls (libvirt connections are thread-safe);
 //! a call that finds the connection dead reconnects with backoff and retries
@@ -16,6 +17,8 @@
 //! Otherwise libvirt's upload/download streams carry the bytes, one upload
 //! per volume at a time (libvirt refuses a second: "volume ... is still in
 //! use") and with no way to sync.
+
+mod events;
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -36,8 +39,8 @@ use super::domain_xml::{
     self, DomainKind, DomainSpec, VolumeFormat, AGENT_CHANNEL, DESKGRID_XMLNS,
 };
 use super::hypervisor::{
-    ActuatorError, DisplayEndpoint, DomainState, DomainStatus, GuestChannel, Hypervisor, PoolInfo,
-    Progress, ShutdownOutcome, VolumeFile, VolumeInfo,
+    ActuatorError, DisplayEndpoint, DisplaySink, DisplayWatch, DomainState, DomainStatus,
+    GuestChannel, Hypervisor, PoolInfo, Progress, ShutdownOutcome, VolumeFile, VolumeInfo,
 };
 use super::naming::{self, VolumeName};
 use crate::model::{HostCapacity, ImageVersionId, VmId};
@@ -973,6 +976,11 @@ impl Hypervisor for LibvirtHypervisor {
             vm,
             _connection: connection,
         }))
+    }
+
+    fn watch_displays(&self, sink: DisplaySink) -> Result<Box<dyn DisplayWatch>, ActuatorError> {
+        let watch = events::LibvirtDisplayWatch::start(&self.options.uri, sink)?;
+        Ok(Box::new(watch))
     }
 }
 

@@ -1,7 +1,8 @@
 //! The actualization engine: deskgrid's only way to touch its host, through libvirt.
 //!
 //! The rest of deskgrid sees the [`Hypervisor`] trait. `libvirt.rs` is its
-//! real implementation (and the only file that names the `virt` crate),
+//! real implementation (with `libvirt/events.rs`, the viewer events libvirt
+//! raises: the only files that name the `virt` crate),
 //! `fake.rs` an in-memory one for fast tests. What libvirt reads and writes as
 //! XML is rendered and parsed by pure functions in `domain_xml.rs`; deskgrid's
 //! names for volumes and domains live in `naming.rs`, MAC addresses in `mac.rs`.
@@ -15,8 +16,9 @@ pub mod naming;
 
 pub use domain_xml::{DomainKind, DomainSpec, VolumeFormat};
 pub use hypervisor::{
-    ActuatorError, AsyncHypervisor, DisplayEndpoint, DomainState, DomainStatus, GuestChannel,
-    Hypervisor, PoolInfo, ShutdownOutcome, VolumeFile, VolumeInfo,
+    ActuatorError, AsyncHypervisor, DisplayEndpoint, DisplayEvent, DisplayPhase, DisplaySink,
+    DisplayWatch, DomainState, DomainStatus, GuestChannel, Hypervisor, PoolInfo, ShutdownOutcome,
+    VolumeFile, VolumeInfo,
 };
 pub use naming::VolumeName;
 

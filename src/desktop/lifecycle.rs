@@ -81,9 +81,9 @@ impl Default for LifecyclePolicy {
             // Three missed heartbeats at the agent's 5-second interval: one
             // lost frame or a busy guest is no failure.
             heartbeat_timeout_ms: 15_000,
-            // A laptop lid closed over lunch should not cost the session; a
-            // user gone for good should not hold a pooled VM all day.
-            disconnect_grace_ms: 300_000,
+            // The grid's `Policy::disconnect_grace_s` default; the desktop
+            // service takes the grid's value at every tick.
+            disconnect_grace_ms: 3_600_000,
             // A desktop guest under load (a 9 a.m. boot storm) can take
             // minutes; TCG test guests boot in seconds.
             boot_timeout_ms: 300_000,
@@ -1198,12 +1198,31 @@ mod tests {
 
     #[test]
     fn a_pooled_desktop_left_disconnected_is_logged_off_and_refreshed() {
+        let grace = policy().disconnect_grace_ms;
         let mut vm = in_use(TemplateKind::Pooled, None, "alice");
         ok(&mut vm, Event::ViewerDisconnected { now_ms: 1_000 });
-        ok(&mut vm, Event::AgentHeartbeat { now_ms: 300_999 });
-        assert_eq!(ok(&mut vm, Event::Tick { now_ms: 300_999 }), vec![]);
+        ok(
+            &mut vm,
+            Event::AgentHeartbeat {
+                now_ms: 1_000 + grace - 1,
+            },
+        );
         assert_eq!(
-            ok(&mut vm, Event::Tick { now_ms: 301_000 }),
+            ok(
+                &mut vm,
+                Event::Tick {
+                    now_ms: 1_000 + grace - 1
+                }
+            ),
+            vec![]
+        );
+        assert_eq!(
+            ok(
+                &mut vm,
+                Event::Tick {
+                    now_ms: 1_000 + grace
+                }
+            ),
             vec![
                 Effect::LogOff {
                     user: user("alice")

@@ -59,16 +59,28 @@ use super::lifecycle::{Effect, Event, LifecyclePolicy, Phase, VmLifecycle};
 use super::reserve::{
     DesktopDesk, LogoffFuture, Reservation, ReserveFuture, ReserveRefusal, ReserveRequest,
 };
-use crate::actuator::{DomainState, Hypervisor};
+use crate::actuator::{DisplayEvent, DisplayPhase, DisplayWatch, DomainState, Hypervisor};
 use crate::model::{
-    ServerRecord, SessionId, SessionRecord, Template, TemplateKind, TemplateName, UserName, VmId,
-    VmState,
+    Policy, ServerRecord, SessionId, SessionRecord, Template, TemplateKind, TemplateName, UserName,
+    VmId, VmState,
 };
 
 /// Reports queued from all agent channels at once. A report is a few dozen
 /// bytes; agents send one every couple of seconds, so this absorbs a burst
 /// from hundreds of VMs; beyond it a report is dropped and counted.
 const REPORT_QUEUE: usize = 4096;
+
+/// Viewer events queued from the hypervisor's event thread. A SPICE viewer
+/// opens about eight connections, three events each: room for a 9 a.m.
+/// wave of a few hundred viewers within one loop turn.
+const DISPLAY_QUEUE: usize = 8192;
+
+/// Viewer connections remembered per VM; more are not tracked (a SPICE
+/// viewer needs about eight, a VNC viewer one).
+const MAX_VIEWER_CONNECTIONS: usize = 64;
+
+/// Wait between attempts to subscribe to display events.
+const DISPLAY_WATCH_RETRY: Duration = Duration::from_secs(10);
 
 /// What this service needs from the rest of the server. Calls may block (a
 /// record write is an fsync): the service makes them on the blocking pool.
@@ -97,11 +109,15 @@ pub trait DesktopHost: Send + Sync + std::fmt::Debug + 'static {
 pub struct OwnView {
     pub record: ServerRecord,
     pub templates: BTreeMap<TemplateName, Template>,
+    /// The grid's policy (the disconnect grace comes from it).
+    pub policy: Policy,
 }
 
 /// The service's timings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DesktopSettings {
+    /// The lifecycle's timers; the disconnect grace is replaced by the
+    /// grid policy's at every tick.
     pub lifecycle: LifecyclePolicy,
     pub limits: ChannelLimits,
     /// How often time is passed to the lifecycles and the record is synced.
@@ -130,6 +146,10 @@ struct ServiceCounters {
     refused_events: AtomicU64,
     /// Record writes that failed (retried at the next tick).
     failed_writes: AtomicU64,
+    /// Viewer events from the hypervisor (every phase, every VM).
+    display_events: AtomicU64,
+    /// Viewer events dropped because the queue was full.
+    display_events_dropped: AtomicU64,
 }
 
 /// [`DesktopService::counters`] at one moment.
@@ -138,6 +158,8 @@ pub struct DesktopCounters {
     pub invalid_names: u64,
     pub refused_events: u64,
     pub failed_writes: u64,
+    pub display_events: u64,
+    pub display_events_dropped: u64,
 }
 
 /// One desktop VM this service looks after.
@@ -151,6 +173,9 @@ struct DeskVm {
     given_up: bool,
     /// The state and user the record should show, when it does not yet.
     unwritten: Option<(VmState, Option<UserName>)>,
+    /// Authenticated viewer connections to the display (`address:port`),
+    /// while the VM is reserved or in use.
+    viewers: BTreeSet<String>,
 }
 
 impl DeskVm {
@@ -171,6 +196,9 @@ struct Desks {
     /// Session records to add and remove at the next write.
     sessions_added: BTreeMap<SessionId, SessionRecord>,
     sessions_removed: BTreeSet<SessionId>,
+    /// The lifecycle's rules now: the settings' timers with the grid
+    /// policy's disconnect grace.
+    lifecycle: LifecyclePolicy,
 }
 
 #[derive(Debug)]
@@ -181,6 +209,8 @@ struct Shared {
     desks: Mutex<Desks>,
     reports: mpsc::Sender<AgentReport>,
     incoming: std::sync::Mutex<Option<mpsc::Receiver<AgentReport>>>,
+    displays: mpsc::Sender<DisplayEvent>,
+    incoming_displays: std::sync::Mutex<Option<mpsc::Receiver<DisplayEvent>>>,
     counters: ServiceCounters,
 }
 
@@ -198,14 +228,21 @@ impl DesktopService {
         settings: DesktopSettings,
     ) -> Self {
         let (reports, incoming) = mpsc::channel(REPORT_QUEUE);
+        let (displays, incoming_displays) = mpsc::channel(DISPLAY_QUEUE);
+        let desks = Desks {
+            lifecycle: settings.lifecycle.clone(),
+            ..Desks::default()
+        };
         Self {
             shared: Arc::new(Shared {
                 host,
                 hypervisor,
                 settings,
-                desks: Mutex::new(Desks::default()),
+                desks: Mutex::new(desks),
                 reports,
                 incoming: std::sync::Mutex::new(Some(incoming)),
+                displays,
+                incoming_displays: std::sync::Mutex::new(Some(incoming_displays)),
                 counters: ServiceCounters::default(),
             }),
         }
@@ -233,7 +270,16 @@ impl DesktopService {
             invalid_names: counters.invalid_names.load(Ordering::Relaxed),
             refused_events: counters.refused_events.load(Ordering::Relaxed),
             failed_writes: counters.failed_writes.load(Ordering::Relaxed),
+            display_events: counters.display_events.load(Ordering::Relaxed),
+            display_events_dropped: counters.display_events_dropped.load(Ordering::Relaxed),
         }
+    }
+
+    /// How many authenticated viewer connections `vm`'s display has, as
+    /// the service counts them.
+    pub async fn viewer_connections(&self, vm: VmId) -> usize {
+        let desks = self.shared.desks.lock().await;
+        desks.vms.get(&vm).map_or(0, |desk| desk.viewers.len())
     }
 
     /// Runs until `shutdown` turns true (or its sender goes). A second call
@@ -245,12 +291,19 @@ impl DesktopService {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take();
-        let Some(mut incoming) = taken else {
+        let displays = self
+            .shared
+            .incoming_displays
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let (Some(mut incoming), Some(mut displays)) = (taken, displays) else {
             tracing::error!("desktop service: run called twice; the second returns");
             return;
         };
         let mut ticker = tokio::time::interval(self.shared.settings.tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut watch = DisplayWatchKeeper::default();
         loop {
             if *shutdown.borrow() {
                 break;
@@ -269,7 +322,17 @@ impl DesktopService {
                         self.shared.handle_report(&mut desks, report);
                     }
                 }
-                _ = ticker.tick() => self.shared.tick().await,
+                Some(event) = displays.recv() => {
+                    let mut desks = self.shared.desks.lock().await;
+                    self.shared.handle_display(&mut desks, event);
+                    while let Ok(event) = displays.try_recv() {
+                        self.shared.handle_display(&mut desks, event);
+                    }
+                }
+                _ = ticker.tick() => {
+                    watch.keep(&self.shared).await;
+                    self.shared.tick().await;
+                }
             }
         }
         // Dropping the channels asks their readers to stop.
@@ -342,6 +405,7 @@ impl Shared {
     /// Brings the set of VMs in line with the record (see the module doc).
     fn sync(&self, desks: &mut Desks, view: &OwnView, running: &BTreeSet<VmId>) {
         desks.templates = view.templates.clone();
+        desks.lifecycle.disconnect_grace_ms = u64::from(view.policy.disconnect_grace_s) * 1_000;
         let record = &view.record;
         desks.vms.retain(|vm, _| {
             record
@@ -377,6 +441,7 @@ impl Shared {
                     channel: None,
                     given_up: false,
                     unwritten: None,
+                    viewers: BTreeSet::new(),
                 });
                 continue;
             }
@@ -483,6 +548,48 @@ impl Shared {
         }
     }
 
+    /// A viewer connection event on a VM's display. A viewer is attached
+    /// while at least one of its connections passed the display password
+    /// (a SPICE viewer has several; a port scan authenticates none); the
+    /// lifecycle hears of the first such connection and of the last one
+    /// closing.
+    fn handle_display(&self, desks: &mut Desks, event: DisplayEvent) {
+        self.counters.display_events.fetch_add(1, Ordering::Relaxed);
+        let vm = event.vm;
+        let Some(desk) = desks.vms.get_mut(&vm) else {
+            return;
+        };
+        if desk.given_up {
+            return;
+        }
+        tracing::debug!(%vm, phase = ?event.phase, client = %event.client, "display event");
+        match event.phase {
+            DisplayPhase::Connected => {}
+            DisplayPhase::Authenticated => {
+                if !matches!(
+                    desk.lifecycle.phase(),
+                    Phase::Reserved { .. } | Phase::InUse { .. }
+                ) || desk.viewers.len() >= MAX_VIEWER_CONNECTIONS
+                {
+                    tracing::debug!(%vm, phase = ?desk.lifecycle.phase(), "viewer connection not tracked");
+                    return;
+                }
+                let first = desk.viewers.is_empty();
+                if desk.viewers.insert(event.client) && first {
+                    tracing::info!(%vm, "viewer connected");
+                    self.apply(desks, vm, Event::ViewerConnected);
+                }
+            }
+            DisplayPhase::Disconnected => {
+                if desk.viewers.remove(&event.client) && desk.viewers.is_empty() {
+                    let now_ms = self.host.now_ms();
+                    tracing::info!(%vm, grace_s = desks.lifecycle.disconnect_grace_ms / 1_000, "viewer disconnected");
+                    self.apply(desks, vm, Event::ViewerDisconnected { now_ms });
+                }
+            }
+        }
+    }
+
     /// The guest's list of logged-in users heals a lost login or logout: a
     /// current user missing from it has logged out; on a VM nobody uses, a
     /// listed user has logged in (the one the VM is reserved for first).
@@ -550,7 +657,7 @@ impl Shared {
         }
         let name = event.name();
         let session_before = desk.lifecycle.session();
-        let effects = match desk.lifecycle.apply(event, &self.settings.lifecycle) {
+        let effects = match desk.lifecycle.apply(event, &desks.lifecycle) {
             Ok(effects) => effects,
             Err(refusal) => {
                 if name != "tick" {
@@ -596,6 +703,14 @@ impl Shared {
                     tracing::warn!(%vm, ?anomaly, "a login the grid did not arrange");
                 }
             }
+        }
+        if !matches!(
+            desk.lifecycle.phase(),
+            Phase::Reserved { .. } | Phase::InUse { .. }
+        ) {
+            // Nobody's session: whatever viewer was attached belonged to the
+            // one that ended.
+            desk.viewers.clear();
         }
         let session_after = desk.lifecycle.session();
         if session_before != session_after {
@@ -910,6 +1025,65 @@ impl Shared {
 
 /// The grid's id of a guest session: the same for the same VM and session
 /// name (`tty1`, a logind id), so a logout finds its login.
+/// Keeps the service subscribed to the hypervisor's display events: at the
+/// start, and again after the connection behind the subscription was lost.
+#[derive(Debug, Default)]
+struct DisplayWatchKeeper {
+    watch: Option<Box<dyn DisplayWatch>>,
+    last_attempt: Option<std::time::Instant>,
+    failures: u32,
+}
+
+impl DisplayWatchKeeper {
+    async fn keep(&mut self, shared: &Arc<Shared>) {
+        if self.watch.as_ref().is_some_and(|watch| watch.is_alive()) {
+            return;
+        }
+        if self.watch.take().is_some() {
+            tracing::warn!(
+                "display events stopped (hypervisor connection lost); subscribing again"
+            );
+        }
+        if self
+            .last_attempt
+            .is_some_and(|at| at.elapsed() < DISPLAY_WATCH_RETRY)
+        {
+            return;
+        }
+        self.last_attempt = Some(std::time::Instant::now());
+        let hypervisor = Arc::clone(&shared.hypervisor);
+        let sender = shared.displays.clone();
+        let weak = Arc::downgrade(shared);
+        let sink: crate::actuator::DisplaySink = Box::new(move |event| {
+            if sender.try_send(event).is_err() {
+                if let Some(shared) = weak.upgrade() {
+                    shared
+                        .counters
+                        .display_events_dropped
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        match tokio::task::spawn_blocking(move || hypervisor.watch_displays(sink)).await {
+            Ok(Ok(watch)) => {
+                self.watch = Some(watch);
+                self.failures = 0;
+            }
+            Ok(Err(error)) => {
+                self.failures += 1;
+                // Said loudly once, then quietly: the service still works,
+                // only disconnected viewers keep their sessions.
+                if self.failures == 1 {
+                    tracing::warn!(error = %crate::error_chain(&error), retry_s = DISPLAY_WATCH_RETRY.as_secs(), "cannot watch desktop displays: disconnected viewers are not noticed until this works");
+                } else {
+                    tracing::debug!(error = %crate::error_chain(&error), "still cannot watch desktop displays");
+                }
+            }
+            Err(error) => tracing::error!(%error, "display watch task failed"),
+        }
+    }
+}
+
 fn session_id(vm: VmId, session: &str) -> SessionId {
     let digest = Sha256::new()
         .chain_update(vm.as_bytes())

@@ -22,6 +22,10 @@ pub struct Policy {
     /// Desktop VMs one server boots at the same time (a 9 a.m. pool refill
     /// must not become a boot storm).
     pub max_concurrent_boots: u32,
+    /// How long a desktop whose viewer went away stays reserved for its user
+    /// (a reconnect lands on the same session) before a pooled desktop is
+    /// logged off and refreshed, in seconds.
+    pub disconnect_grace_s: u32,
 }
 
 impl Default for Policy {
@@ -33,6 +37,9 @@ impl Default for Policy {
             desired_change_threshold: 1,
             host_reserved_memory_mib: 2048,
             max_concurrent_boots: 4,
+            // A laptop lid closed over lunch keeps its session; a user gone
+            // for the day does not hold a pooled desktop all afternoon.
+            disconnect_grace_s: 3_600,
         }
     }
 }
@@ -69,6 +76,12 @@ impl Policy {
             self.max_concurrent_boots.into(),
             1,
             256,
+        )?;
+        check_range(
+            "disconnect_grace_s",
+            self.disconnect_grace_s.into(),
+            0,
+            7 * 24 * 3_600,
         )
     }
 }

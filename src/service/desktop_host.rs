@@ -63,7 +63,12 @@ impl DesktopHost for ServiceDesktopHost {
             .templates()
             .map(|template| (template.name.clone(), template.clone()))
             .collect::<BTreeMap<_, _>>();
-        Some(OwnView { record, templates })
+        let policy = service.state.policy();
+        Some(OwnView {
+            record,
+            templates,
+            policy,
+        })
     }
 
     fn update_own_record(&self, change: &mut dyn FnMut(&mut ServerRecord)) -> Result<(), String> {

@@ -306,4 +306,11 @@ impl Hypervisor for TestPool {
     fn open_guest_channel(&self, vm: VmId) -> Result<Box<dyn GuestChannel>, ActuatorError> {
         Err(ActuatorError::DomainNotFound { vm })
     }
+
+    fn watch_displays(
+        &self,
+        _sink: crate::actuator::DisplaySink,
+    ) -> Result<Box<dyn crate::actuator::DisplayWatch>, ActuatorError> {
+        Err(refused("watch displays"))
+    }
 }
