@@ -98,7 +98,7 @@ fn office() -> TemplateName {
     TemplateName::new("office").unwrap()
 }
 
-fn template() -> Template {
+fn template_of(kind: TemplateKind) -> Template {
     Template {
         name: office(),
         image: image(),
@@ -108,7 +108,7 @@ fn template() -> Template {
         min_idle_vms: 0,
         min_replicas: 1,
         concurrency_percent: 0,
-        kind: TemplateKind::Pooled,
+        kind,
         display: deskgrid::model::DisplayProtocol::Spice,
         monitors: 1,
     }
@@ -145,6 +145,16 @@ fn generous() -> LifecyclePolicy {
 /// A service over a fake host with `n_vms` VMs of `office` in the
 /// record as `Provisioning`, the first `n_started` of them running.
 fn rig(n_vms: u8, n_started: u8, settings: DesktopSettings) -> (Rig, Vec<VmId>) {
+    rig_of(TemplateKind::Pooled, n_vms, n_started, settings)
+}
+
+/// [`rig`] with a template of `kind`.
+fn rig_of(
+    kind: TemplateKind,
+    n_vms: u8,
+    n_started: u8,
+    settings: DesktopSettings,
+) -> (Rig, Vec<VmId>) {
     let hypervisor = FakeHypervisor::new("deskgrid", 1 << 40, 8, 65_536);
     hypervisor.ensure_pool().unwrap();
     hypervisor
@@ -156,7 +166,7 @@ fn rig(n_vms: u8, n_started: u8, settings: DesktopSettings) -> (Rig, Vec<VmId>) 
         let vm = VmId::from_bytes([n + 1; 16]);
         let volume = hypervisor.create_linked_clone(vm, &image()).unwrap();
         let spec = DomainSpec::for_template(
-            &template(),
+            &template_of(kind),
             vm,
             DomainKind::Qemu,
             volume.path,
@@ -184,7 +194,7 @@ fn rig(n_vms: u8, n_started: u8, settings: DesktopSettings) -> (Rig, Vec<VmId>) 
     }
     let host = Arc::new(TestHost {
         record: std::sync::Mutex::new(record),
-        templates: BTreeMap::from([(office(), template())]),
+        templates: BTreeMap::from([(office(), template_of(kind))]),
         writes: AtomicU64::new(0),
         policy: std::sync::Mutex::new(Policy::default()),
     });
@@ -706,4 +716,71 @@ async fn unauthenticated_or_unknown_display_events_change_nothing() {
 /// behind an async lock that is free between its loop turns.
 fn futures_now<F: std::future::Future>(future: F) -> F::Output {
     tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(future))
+}
+
+/// A personal desktop whose agent falls silent is restarted on its own
+/// disk (its owner's files stay), never recorded `Failed` or handed to the
+/// planner for replacement, and is its owner's again once the agent says
+/// hello. A restart whose agent never says hello leaves it `Failed`,
+/// still with its owner, for the admin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_personal_desktop_is_restarted_on_its_own_disk() {
+    let policy = LifecyclePolicy {
+        heartbeat_timeout_ms: 300,
+        boot_timeout_ms: 400,
+        ..generous()
+    };
+    let (rig, vms) = rig_of(TemplateKind::Personal, 1, 1, settings(policy));
+    let vm = vms[0];
+    rig.hello(vm);
+    rig.until_state(vm, VmState::Ready).await;
+    rig.service.desk().reserve(request("alice")).await.unwrap();
+    rig.says(vm, &login("alice", "tty1"));
+    rig.until_state(vm, VmState::InUse).await;
+    // Alice's files on the VM's own disk.
+    let overlay = deskgrid::actuator::VolumeName::Overlay(vm);
+    rig.hypervisor
+        .write_volume_at(&overlay, 4096, b"alice's thesis")
+        .unwrap();
+    let guest_before = rig.hypervisor.guest_reads(vm).unwrap();
+    assert!(!guest_before.is_empty(), "the host answered the agent");
+
+    // The agent falls silent: the VM is restarted, shown as provisioning
+    // for its owner meanwhile, never failed.
+    let mut seen = std::collections::BTreeSet::new();
+    rig.until("the VM was restarted and waits for its agent", |rig| {
+        seen.insert(rig.state(vm));
+        rig.state(vm) == (VmState::Provisioning, Some("alice".to_owned()))
+    })
+    .await;
+    assert!(
+        !seen.iter().any(|(state, _)| *state == VmState::Failed),
+        "{seen:?}"
+    );
+    rig.until("the restarted domain runs", |rig| {
+        rig.hypervisor.domain_state(vm).ok() == Some(deskgrid::actuator::DomainState::Running)
+    })
+    .await;
+    // The new boot's agent says hello: alice's desktop again, her files there.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    rig.hello(vm);
+    rig.until_state(vm, VmState::Ready).await;
+    assert_eq!(rig.state(vm), (VmState::Ready, Some("alice".to_owned())));
+    assert_eq!(
+        rig.hypervisor.read_volume_at(&overlay, 4096, 14).unwrap(),
+        b"alice's thesis"
+    );
+    let again = rig.service.desk().reserve(request("alice")).await.unwrap();
+    assert_eq!(again.vm, vm);
+    assert!(matches!(
+        rig.service.desk().reserve(request("bob")).await,
+        Err(ReserveRefusal::NoneFree { .. })
+    ));
+
+    // Down again, and the restart's agent never says hello: failed for
+    // good, still alice's (her disk is not the planner's to replace).
+    rig.hypervisor.destroy_domain(vm).unwrap();
+    rig.until_state(vm, VmState::Failed).await;
+    assert_eq!(rig.state(vm).1.as_deref(), Some("alice"));
+    rig.finish().await;
 }

@@ -14,8 +14,11 @@
 //!   service never touches a disk: [`Effect::RefreshDisk`] is carried out by
 //!   publishing `Refreshing`, [`Effect::Regenerate`] by publishing `Failed`
 //!   (regeneration is replacement: a fresh VM from the base image, with a
-//!   fresh lifecycle; the lifecycle's own in-place retry is not used, so a
-//!   personal VM's disk is *not* kept yet: said in ARCHITECTURE.md).
+//!   fresh lifecycle). A **personal** VM's disk is its owner's: when its
+//!   lifecycle asks for `Regenerate { keep_disk: true }` this service
+//!   powers the domain off and starts it again on the same disk (no disk is
+//!   touched); a restart whose agent never says hello leaves it `Failed`
+//!   with its owner, for the admin.
 //! - **This service owns the VM's `state` and `user` from the moment its
 //!   domain runs**, and the record's `sessions`. With the service running,
 //!   the policy loop leaves a started VM `Provisioning`
@@ -176,6 +179,9 @@ struct DeskVm {
     /// Authenticated viewer connections to the display (`address:port`),
     /// while the VM is reserved or in use.
     viewers: BTreeSet<String>,
+    /// A personal VM that failed, to be restarted on its own disk at the
+    /// next tick.
+    restart: bool,
 }
 
 impl DeskVm {
@@ -367,6 +373,7 @@ impl Shared {
             }
         };
         let running = self.running_domains(&view).await;
+        self.restart_failed_personal_vms().await;
         let now_ms = self.host.now_ms();
         let mut desks = self.desks.lock().await;
         self.sync(&mut desks, &view, &running);
@@ -376,6 +383,45 @@ impl Shared {
         }
         self.start_channels(&mut desks);
         self.write(&mut desks).await;
+    }
+
+    /// Restarts the personal VMs whose lifecycle asked for it, each on its
+    /// own disk (the domain is powered off and started again), and tells
+    /// their lifecycles how it went. Host calls run without the lock.
+    async fn restart_failed_personal_vms(&self) {
+        let pending: Vec<VmId> = {
+            let mut desks = self.desks.lock().await;
+            desks
+                .vms
+                .iter_mut()
+                .filter(|(_, desk)| desk.restart)
+                .map(|(vm, desk)| {
+                    desk.restart = false;
+                    *vm
+                })
+                .collect()
+        };
+        for vm in pending {
+            let hypervisor = Arc::clone(&self.hypervisor);
+            let restarted = tokio::task::spawn_blocking(move || {
+                hypervisor.destroy_domain(vm)?;
+                hypervisor.start_domain(vm)
+            })
+            .await
+            .unwrap_or(Err(crate::actuator::ActuatorError::Cancelled));
+            let mut desks = self.desks.lock().await;
+            match restarted {
+                Ok(()) => {
+                    tracing::info!(%vm, "personal desktop restarted on its own disk");
+                    self.apply(&mut desks, vm, Event::Regenerated);
+                }
+                Err(error) => {
+                    let reason = crate::error_chain(&error);
+                    tracing::warn!(%vm, %reason, "cannot restart a personal desktop");
+                    self.apply(&mut desks, vm, Event::Failed { reason });
+                }
+            }
+        }
     }
 
     /// The VMs whose record says `Provisioning` and whose domain runs; the
@@ -442,6 +488,7 @@ impl Shared {
                     given_up: false,
                     unwritten: None,
                     viewers: BTreeSet::new(),
+                    restart: false,
                 });
                 continue;
             }
@@ -681,6 +728,14 @@ impl Shared {
                     // The policy loop refreshes a `Refreshing` VM (RefreshVm);
                     // the RecordState that follows publishes it.
                     tracing::info!(%vm, "session over: the VM is refreshed from its base image");
+                }
+                Effect::Regenerate { keep_disk: true } => {
+                    // A personal VM: its disk is its owner's. Restarted on
+                    // that disk at the next tick; failing again before its
+                    // agent says hello leaves it `Failed` for the admin.
+                    desk.restart = true;
+                    desk.channel = None;
+                    tracing::warn!(%vm, phase = ?desk.lifecycle.phase(), "personal desktop failed; restarting it on its own disk");
                 }
                 Effect::Regenerate { keep_disk } => {
                     regenerate = true;
