@@ -956,6 +956,71 @@ async fn boots_are_limited_by_the_policy() {
     running.stop().await;
 }
 
+/// With the desktop service (`ready_on_start` false) a started VM keeps its
+/// boot slot until its agent says hello (the service then records it
+/// `Ready`): with two slots, the third and fourth VMs start only after the
+/// first two are ready, not as soon as their domains were started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boot_slots_are_held_until_the_agent_says_hello() {
+    let a = server(1);
+    let policy = Policy {
+        max_concurrent_boots: 2,
+        ..Policy::default()
+    };
+    let grid = grid(&[a], Some(ImageHolding::Complete), policy);
+    let host = FakeHost::new(a, &grid);
+    let hypervisor = InstrumentedHypervisor::with_base_image();
+    let planner = TestPlanner::new(vec![Want::Vms {
+        target: a,
+        desired: 4,
+    }]);
+    let running = start(
+        &host,
+        &hypervisor,
+        Arc::new(NoImageTransfer),
+        &planner,
+        PolicySettings {
+            ready_on_start: false,
+            ..settings()
+        },
+    );
+    let starts = || hypervisor.start_calls.load(Ordering::SeqCst);
+
+    eventually("two VMs are started", || {
+        vms_in(&record_of(&grid, a), VmState::Provisioning).len() >= 2 && starts() == 2
+    })
+    .await;
+    // Their agents have not said hello: no third boot, however long.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(starts(), 2, "the slots are held while the VMs boot");
+
+    // One agent says hello (the desktop service records it ready): one
+    // more VM starts, not two.
+    // The two whose domains run (the others are in the record, waiting for
+    // a slot).
+    let booted: Vec<VmId> = hypervisor
+        .inner
+        .list_domains()
+        .unwrap()
+        .into_iter()
+        .filter(|domain| domain.state == DomainState::Running)
+        .map(|domain| domain.vm)
+        .collect();
+    assert_eq!(booted.len(), 2, "{booted:?}");
+    let mark_ready = |vm: VmId| {
+        lock(&grid).update_record(a, |record| {
+            record.vms.get_mut(&vm).unwrap().state = VmState::Ready;
+        });
+    };
+    mark_ready(booted[0]);
+    eventually("a third VM starts", || starts() == 3).await;
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(starts(), 3, "one slot came free, one VM started");
+    mark_ready(booted[1]);
+    eventually("the fourth VM starts", || starts() == 4).await;
+    running.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn creating_vms_waits_while_the_image_is_partial() {
     let a = server(1);

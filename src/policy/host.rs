@@ -9,7 +9,7 @@ use std::future::Future;
 use std::pin::Pin;
 
 use crate::actuator::DomainSpec;
-use crate::model::{BaseImage, ServerId, ServerRecord, Template, VmId};
+use crate::model::{BaseImage, ServerId, ServerRecord, Template, VmId, VmState};
 use crate::placement::Liveness;
 use crate::state::GridState;
 
@@ -37,6 +37,18 @@ pub trait PolicyHost: Send + Sync + fmt::Debug + 'static {
     fn now_ms(&self) -> u64;
 
     fn snapshot(&self) -> PolicySnapshot;
+
+    /// The state of `vm` in this server's own record (`None`: not there).
+    /// Asked every half second while a started VM holds a boot slot;
+    /// implementations should answer without copying the grid state.
+    fn own_vm_state(&self, vm: VmId) -> Option<VmState> {
+        let snapshot = self.snapshot();
+        snapshot
+            .state
+            .server(self.server_id())
+            .and_then(|record| record.vms.get(&vm))
+            .map(|entry| entry.state)
+    }
 
     /// Applies `change` to this server's own record, then persists it and
     /// hands it to the federation, as every write does. A change that

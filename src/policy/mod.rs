@@ -19,7 +19,9 @@
 //! - Failing jobs are retried with an exponential, capped back-off, and
 //!   shown in the record (`ServerRecord.jobs`) with their attempts and last
 //!   error until they succeed or the plan no longer wants them.
-//! - At most `Policy.max_concurrent_boots` VMs are provisioned at once.
+//! - At most `Policy.max_concurrent_boots` VMs are provisioned at once;
+//!   with the desktop service a VM holds its slot until its agent's hello
+//!   (the record leaves `Provisioning`), so a pool refill is no boot storm.
 //!
 //! The loop reaches the rest of the server through narrow traits:
 //! [`PolicyHost`] (the service layer: state, own record, settings) and

@@ -4,6 +4,7 @@
 //! a failure half-way, or after a crash, finishes the work.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -61,6 +62,12 @@ pub enum PolicyError {
     #[error("the job's task stopped unexpectedly")]
     TaskLost,
 }
+
+/// How often a started VM's record is read while it holds a boot slot.
+const BOOT_SLOT_POLL: Duration = Duration::from_millis(500);
+/// The longest a started VM holds its boot slot: the desktop service's boot
+/// timeout (`LifecyclePolicy::boot_timeout_ms`) fails it by then anyway.
+const BOOT_SLOT_MAX_HOLD: Duration = Duration::from_secs(300);
 
 /// How many VMs this server provisions at once (`Policy.max_concurrent_boots`).
 /// The limit is the grid's policy and may change while VMs are booting: a
@@ -341,14 +348,15 @@ async fn create_vm(
     vm: VmId,
 ) -> Result<(), PolicyError> {
     let mut shutdown = context.shutdown.clone();
-    // The slot covers clone, define and start. It is not (yet) held until
-    // the agent's hello, which is what would tame a boot storm.
+    // The slot covers clone, define and start, and with the desktop service
+    // the boot itself: it is held until the agent's hello (see
+    // `hold_until_booted`), which is what tames a 9 a.m. boot storm.
     let slot = tokio::select! {
         slot = context.boots.acquire() => Some(slot),
         _ = shutdown.wait_for(|stopping| *stopping) => None,
     };
     let result = match slot {
-        Some(_slot) => provision(context, template, image, vm).await,
+        Some(_) => provision(context, template, image, vm).await,
         None => Err(PolicyError::Stopping),
     };
     match result {
@@ -368,7 +376,11 @@ async fn create_vm(
                     entry.state = state;
                 }
             })
-            .await
+            .await?;
+            if let (false, Some(slot)) = (context.ready_on_start, slot) {
+                hold_until_booted(context, vm, slot);
+            }
+            Ok(())
         }
         Err(error) => {
             if let Err(cleanup) = destroy(&context.hypervisor, vm).await {
@@ -384,6 +396,37 @@ async fn create_vm(
             Err(error)
         }
     }
+}
+
+/// Keeps a started VM's boot slot until the VM leaves `Provisioning` (its
+/// agent said hello, or it failed or went away), the boot timeout passed,
+/// or the server stops. The job goes on meanwhile; the next VM waits for a
+/// free slot.
+fn hold_until_booted(context: &StepContext, vm: VmId, slot: OwnedSemaphorePermit) {
+    let host = Arc::clone(&context.host);
+    let mut shutdown = context.shutdown.clone();
+    tokio::spawn(async move {
+        let held_since = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(BOOT_SLOT_POLL) => {}
+                _ = shutdown.wait_for(|stopping| *stopping) => break,
+            }
+            let asking = Arc::clone(&host);
+            let state = tokio::task::spawn_blocking(move || asking.own_vm_state(vm))
+                .await
+                .ok()
+                .flatten();
+            if state != Some(VmState::Provisioning) {
+                break;
+            }
+            if held_since.elapsed() >= BOOT_SLOT_MAX_HOLD {
+                tracing::warn!(%vm, held_s = held_since.elapsed().as_secs(), "a VM still boots; its boot slot is released anyway");
+                break;
+            }
+        }
+        drop(slot);
+    });
 }
 
 async fn provision(

@@ -24,7 +24,7 @@ use crate::federation::membership::MemberState;
 use crate::federation::{request_diff_part, ChunkSource, PeerEndpoint};
 use crate::model::{
     BaseImage, DisplayProtocol, ImageHolding, ImageVersionId, ServerId, ServerRecord, Template,
-    TransferRecord, VmId,
+    TransferRecord, VmId, VmState,
 };
 use crate::policy::{
     ImagePuller, PolicyHost, PolicySettings, PolicySnapshot, PolicyWaker, PolicyWorker, PullFuture,
@@ -128,6 +128,15 @@ impl PolicyHost for ServicePolicyHost {
             state: service.state.clone(),
             liveness,
         }
+    }
+
+    fn own_vm_state(&self, vm: VmId) -> Option<VmState> {
+        let service = lock(&self.service);
+        service
+            .state
+            .server(self.server_id)
+            .and_then(|record| record.vms.get(&vm))
+            .map(|entry| entry.state)
     }
 
     fn update_own_record(&self, change: &mut dyn FnMut(&mut ServerRecord)) -> Result<(), String> {
