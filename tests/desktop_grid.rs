@@ -832,6 +832,17 @@ fn when_the_first_choice_is_killed_the_broker_falls_back() {
         "the broker never asked {killed} ({killed_id}) first (its log follows)"
     );
     eprintln!("             {survivor}'s broker: {}", missed[0]);
+    // The missed deadline reached the failure detector as a hint (made
+    // suspect at once, or found already suspect by foca's own probes).
+    let hinted = survivor_log.lines().find(|line| {
+        line.contains(&killed_id)
+            && (line.contains("missed a reservation deadline: suspect now")
+                || line.contains("failure hint: the server is already suspect or missing"))
+    });
+    let Some(hinted) = hinted else {
+        panic!("no failure hint about {killed} ({killed_id}) in {survivor}'s log")
+    };
+    eprintln!("             {survivor}'s membership: {hinted}");
 
     // The grid shows u2's reservation on the survivor.
     let sessions = grid.sessions(survivor_member);

@@ -90,10 +90,13 @@ pub async fn serve(data_dir: DataDir) -> anyhow::Result<()> {
     let federation_endpoint = federation_endpoint(&appliance)?;
     // The connection broker: local desktops through `desk`, the
     // others' over the federation's endpoint.
+    // Missed reservation deadlines, from the broker to the membership.
+    let failure_hints = crate::federation::FailureHints::new();
     let desktops = Arc::new(crate::service::desktops::DesktopAccess::new(
         Arc::clone(&appliance.service),
         appliance.desk.clone(),
         federation_endpoint.clone(),
+        failure_hints.clone(),
     ));
     let socket_path = appliance.data_dir.control_socket();
     let listener = control_socket::bind(&socket_path)?;
@@ -136,6 +139,7 @@ pub async fn serve(data_dir: DataDir) -> anyhow::Result<()> {
                 crate::federation::node::NodeSettings::default(),
                 advertised,
                 appliance.config.server.seeds.clone(),
+                failure_hints,
                 shutdown.clone(),
             )))
         }

@@ -808,6 +808,38 @@ impl Membership {
         result
     }
 
+    /// A hint from outside SWIM's own probes (the broker's reservation to
+    /// `server` got no answer in time): if the member is alive, it becomes
+    /// suspect now, as if a probe had failed, and the suspicion is gossiped.
+    /// A member that is in fact alive refutes it within a probe round or
+    /// two; one that is gone is declared down after the suspicion timeout
+    /// instead of after its next failed probe. Returns whether the member
+    /// was alive and is now suspect.
+    pub fn suspect(&mut self, server: ServerId, now_ms: u64) -> Result<bool, MembershipError> {
+        let alive = self
+            .foca
+            .iter_membership_state()
+            .find(|member| member.id().server == server && member.state() == foca::State::Alive)
+            .map(|member| (*member.id(), member.incarnation()));
+        let Some((identity, incarnation)) = alive else {
+            return Ok(false);
+        };
+        let result = self
+            .foca
+            .apply_many(
+                std::iter::once(foca::Member::new(
+                    identity,
+                    incarnation,
+                    foca::State::Suspect,
+                )),
+                true,
+                &mut self.runtime,
+            )
+            .map_err(MembershipError::Rejected);
+        self.after_input(Touched::Some(vec![server]), now_ms);
+        result.map(|()| true)
+    }
+
     /// Everything to do since the last call, in order.
     pub fn take_outputs(&mut self) -> Vec<MembershipOutput> {
         std::mem::take(&mut self.outputs)

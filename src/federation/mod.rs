@@ -8,6 +8,7 @@
 
 pub mod discovery;
 pub mod dissemination;
+pub mod hints;
 pub mod identity;
 pub mod join_token;
 pub mod membership;
@@ -16,6 +17,7 @@ pub mod protocol;
 pub mod simulation;
 pub mod transport;
 
+pub use hints::FailureHints;
 pub use node::{
     request_chunk, request_diff_part, request_have, request_log_off, request_manifest,
     request_reserve, ChunkRefusal, ChunkReply, ChunkSource, DeskRequestError, DiffPart,

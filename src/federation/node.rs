@@ -372,6 +372,8 @@ pub enum DeskRequestError {
 
 /// The longest display host, server name or ticket a peer may send back: a
 /// DNS name is at most 253 bytes, a SPICE ticket far shorter.
+/// At most one failure hint per server this often (milliseconds).
+const HINT_INTERVAL_MS: u64 = 5_000;
 const MAX_RESERVATION_TEXT: usize = 253;
 /// The longest refusal reason kept from a peer.
 const MAX_REFUSAL_TEXT: usize = 1024;
@@ -911,9 +913,14 @@ pub async fn run(
     settings: NodeSettings,
     advertised: SocketAddr,
     seeds: Vec<String>,
+    hints: super::FailureHints,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let own = endpoint.server_id();
+    // The broker's hints; a second loop on the same handle gets none.
+    let (_no_hints, spare) = mpsc::channel(1);
+    let mut hints = hints.take_receiver().unwrap_or(spare);
+    let mut last_hint_ms: BTreeMap<ServerId, u64> = BTreeMap::new();
     let (datagram_sender, mut datagrams) = mpsc::channel(DATAGRAM_QUEUE);
     let server = tokio::spawn(Arc::clone(&endpoint).serve(Arc::new(RequestHandler {
         access: Arc::clone(&access),
@@ -998,6 +1005,23 @@ pub async fn run(
                         }
                         seeds.on_outcome(index, None, elapsed_ms());
                     }
+                }
+            }
+            Some(server) = hints.recv() => {
+                let now_ms = elapsed_ms();
+                // One hint per server per interval: a login storm against a
+                // dead server suspects it once, not once per login.
+                let recent = last_hint_ms
+                    .get(&server)
+                    .is_some_and(|at| now_ms.saturating_sub(*at) < HINT_INTERVAL_MS);
+                if server != own && !recent {
+                    last_hint_ms.insert(server, now_ms);
+                    match membership.suspect(server, now_ms) {
+                        Ok(true) => tracing::warn!(%server, "server missed a reservation deadline: suspect now (it refutes if alive)"),
+                        Ok(false) => tracing::info!(%server, "failure hint: the server is already suspect or missing"),
+                        Err(error) => tracing::debug!(%server, error = %crate::error_chain(&error), "failure hint refused"),
+                    }
+                    drive_membership(&mut membership, &endpoint, &timer_sender, &access);
                 }
             }
             Some(timer) = timers.recv() => {

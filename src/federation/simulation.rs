@@ -575,6 +575,20 @@ impl Simulation {
         self.start_process(server_idx);
     }
 
+    /// `observer` is told that `subject` did not answer in time (what the
+    /// broker reports after a missed reservation deadline); returns whether
+    /// `subject` was alive to it and is now suspect.
+    pub fn suspect(&mut self, observer: usize, subject: usize) -> bool {
+        let now_ms = self.now_ms();
+        let subject = self.servers[subject].id;
+        let Some(process) = self.servers[observer].process.as_mut() else {
+            return false;
+        };
+        let suspected = process.membership.suspect(subject, now_ms).unwrap_or(false);
+        self.drain_membership(observer);
+        suspected
+    }
+
     /// Cuts the servers in `side` off from the others until [`heal`](Self::heal).
     pub fn partition(&mut self, side: &[usize]) {
         self.faults.partitions += 1;
@@ -1420,6 +1434,56 @@ mod tests {
         }
         let (_, faults) = simulation.finish();
         assert_eq!((faults.crashes_fired, faults.restarts_fired), (1, 1));
+    }
+
+    /// The broker's hint (a missed reservation deadline) makes a member
+    /// suspect at once: a crashed server is declared down one suspicion
+    /// timeout after the hint, without waiting for a probe to fail; a
+    /// server that is alive refutes the suspicion and nobody declares it
+    /// down.
+    #[test]
+    fn a_broker_hint_suspects_at_once_and_a_live_server_refutes_it() {
+        let settings = MembershipSettings::default();
+        let mut simulation = Simulation::new(SimulationConfig::new(20, 23));
+        assert!(simulation
+            .run_until(Condition::FullMembership, Duration::from_secs(30))
+            .is_some());
+        simulation.run_for(Duration::from_secs(5));
+
+        // Alive: suspected by one, refuted, never down.
+        assert!(simulation.suspect(0, 5));
+        assert_eq!(
+            simulation.member_state(0, 5),
+            Some(MemberState::Suspect),
+            "suspect at once"
+        );
+        assert!(
+            !simulation.suspect(0, 5),
+            "already suspect: nothing more to do"
+        );
+        let refuted = simulation
+            .run_until(Condition::SeenAliveByAll(5), Duration::from_secs(30))
+            .expect("the live server refutes the suspicion");
+        simulation.run_for(settings.suspect_to_down_after * 2);
+        assert_eq!(
+            simulation.downs_of_running_servers(),
+            0,
+            "refuted after {refuted:?}"
+        );
+        assert_eq!(simulation.member_state(0, 5), Some(MemberState::Alive));
+
+        // Crashed, and the broker noticed first.
+        simulation.crash(3);
+        assert!(simulation.suspect(0, 3));
+        let detection = simulation
+            .run_until(Condition::SeenDownByAll(3), Duration::from_secs(60))
+            .expect("the crash is detected");
+        let bound = settings.suspect_to_down_after + Duration::from_secs(2);
+        assert!(
+            detection <= bound,
+            "down everywhere after {detection:?}, bound {bound:?}"
+        );
+        assert_eq!(simulation.downs_of_running_servers(), 0);
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub use crate::desktop::Reservation;
 /// the state or the membership view changed.
 struct ServiceBrokerHost {
     service: Arc<Mutex<GridService>>,
+    hints: crate::federation::FailureHints,
     generation: tokio::sync::watch::Receiver<u64>,
     cached: Mutex<Option<(u64, Arc<BrokerSnapshot>)>>,
 }
@@ -77,12 +78,11 @@ impl BrokerHost for ServiceBrokerHost {
         }
     }
 
-    /// The failure detector takes no hints from outside: foca decides from
-    /// its own direct and indirect probes, which already cover a server
-    /// that stopped answering. A missed reservation deadline is logged here
-    /// and the broker moves on to the next server.
+    /// Hands the membership a hint: the server becomes suspect at once
+    /// (SWIM's suspicion, gossiped; a live server refutes it).
     fn report_unresponsive(&self, server: ServerId) {
-        tracing::warn!(%server, "server missed a reservation deadline (left to the failure detector's probes)");
+        tracing::warn!(%server, "server missed a reservation deadline; the failure detector is told");
+        self.hints.report(server);
     }
 
     fn wake_policy(&self) {
@@ -105,6 +105,7 @@ impl DesktopAccess {
         service: Arc<Mutex<GridService>>,
         desk: DeskSlot,
         endpoint: Option<Arc<PeerEndpoint>>,
+        hints: crate::federation::FailureHints,
     ) -> Self {
         let generation = service
             .lock()
@@ -112,6 +113,7 @@ impl DesktopAccess {
             .watch_state();
         let host = ServiceBrokerHost {
             service,
+            hints,
             generation,
             cached: Mutex::new(None),
         };
