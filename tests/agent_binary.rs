@@ -180,10 +180,15 @@ fn expect_hello_and_sessions(host: &mut Host, users: &[&str]) {
 /// A utmp record as glibc's `pututline` writes it for a login: type, pid,
 /// line, id, user, host, time.
 fn utmp_record(ut_type: i16, line: &str, user: &str) -> [u8; UTMP_RECORD_LEN] {
+    // The test's own pid: a live process, as a login shell's would be.
+    utmp_record_of(ut_type, line, user, std::process::id())
+}
+
+/// [`utmp_record`] for the session led by process `pid`.
+fn utmp_record_of(ut_type: i16, line: &str, user: &str, pid: u32) -> [u8; UTMP_RECORD_LEN] {
     let mut record = [0u8; UTMP_RECORD_LEN];
     record[0..2].copy_from_slice(&ut_type.to_ne_bytes());
-    // The test's own pid: a live process, as a login shell's would be.
-    record[4..8].copy_from_slice(&(std::process::id() as i32).to_ne_bytes());
+    record[4..8].copy_from_slice(&(pid as i32).to_ne_bytes());
     record[8..8 + line.len()].copy_from_slice(line.as_bytes());
     let id = line.trim_start_matches("pts/");
     record[40..40 + id.len().min(4)].copy_from_slice(&id.as_bytes()[..id.len().min(4)]);
@@ -426,4 +431,109 @@ fn host_junk_is_ignored_and_a_bad_length_resets_the_connection() {
         host.next(Duration::from_secs(2)).1,
         Message::Heartbeat { seq: 0, .. }
     ));
+}
+
+/// The host's `LogOff` ends a user's sessions in the guest: the agent
+/// signals each session's leading process (here `sleep`s standing in for
+/// login shells: one recorded in utmp as glibc does, one a logind session's
+/// `LEADER`) and reports the `Logout` once the utmp session is gone. It
+/// never ends root's sessions, nor anyone else's.
+#[test]
+fn a_logoff_from_the_host_ends_the_users_sessions() {
+    struct Reaped(Vec<Child>);
+    impl Drop for Reaped {
+        fn drop(&mut self) {
+            for child in &mut self.0 {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+    let spawn = || Command::new("sleep").arg("600").spawn().unwrap();
+    let mut children = Reaped(vec![spawn(), spawn(), spawn(), spawn()]);
+    let pid = |index: usize, children: &Reaped| children.0[index].id();
+    let (carol, dave, root, erin) = (0, 1, 2, 3);
+
+    let directory = tempfile::tempdir().unwrap();
+    let utmp = directory.path().join("utmp");
+    let mut records = Vec::new();
+    records.extend(utmp_record_of(
+        USER_PROCESS,
+        "pts/1",
+        "carol",
+        pid(carol, &children),
+    ));
+    records.extend(utmp_record_of(
+        USER_PROCESS,
+        "pts/2",
+        "root",
+        pid(root, &children),
+    ));
+    records.extend(utmp_record_of(
+        USER_PROCESS,
+        "pts/3",
+        "erin",
+        pid(erin, &children),
+    ));
+    std::fs::write(&utmp, records).unwrap();
+    let logind_dir = directory.path().join("sessions");
+    std::fs::create_dir(&logind_dir).unwrap();
+    std::fs::write(
+        logind_dir.join("c7"),
+        format!(
+            "UID=1007\nUSER=dave\nACTIVE=1\nSTATE=active\nCLASS=user\nLEADER={}\n",
+            pid(dave, &children)
+        ),
+    )
+    .unwrap();
+    let pty = open_raw_pty();
+    let mut host = Host::listen(pty.master.try_clone().unwrap());
+    let _agent = start_agent(&pty.slave_path, &utmp, &logind_dir);
+    expect_hello_and_sessions(&mut host, &["carol", "dave", "erin", "root"]);
+
+    let ends_within = |children: &mut Reaped, index: usize, limit: Duration| {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if children.0[index].try_wait().unwrap().is_some() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    };
+
+    host.send(&Message::LogOff {
+        user: "carol".into(),
+    });
+    assert!(
+        ends_within(&mut children, carol, SESSION_DEADLINE),
+        "carol's session process still runs"
+    );
+    assert_eq!(
+        host.next_event(SESSION_DEADLINE),
+        Message::Logout {
+            user: "carol".into(),
+            session: "pts/1".into()
+        }
+    );
+
+    host.send(&Message::LogOff {
+        user: "dave".into(),
+    });
+    assert!(
+        ends_within(&mut children, dave, SESSION_DEADLINE),
+        "the leader of dave's logind session still runs"
+    );
+
+    host.send(&Message::LogOff {
+        user: "root".into(),
+    });
+    assert!(
+        !ends_within(&mut children, root, Duration::from_secs(1)),
+        "root's session was ended"
+    );
+    assert!(
+        !ends_within(&mut children, erin, Duration::from_millis(10)),
+        "erin was never asked to leave"
+    );
 }

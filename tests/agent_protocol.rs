@@ -57,6 +57,7 @@ fn message() -> impl Strategy<Value = Message> {
         any::<u32>().prop_map(|heartbeat_interval_ms| Message::HelloAck {
             heartbeat_interval_ms
         }),
+        text().prop_map(|user| Message::LogOff { user }),
     ]
 }
 

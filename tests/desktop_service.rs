@@ -784,3 +784,62 @@ async fn a_failed_personal_desktop_is_restarted_on_its_own_disk() {
     assert_eq!(rig.state(vm).1.as_deref(), Some("alice"));
     rig.finish().await;
 }
+
+/// An admin's logoff of a user on a personal desktop: the disk is the
+/// owner's, so the VM is not refreshed; the guest agent is asked to log the
+/// user off (a `LogOff` frame on the channel), and the agent's `Logout`
+/// ends the session: the desktop is ready again for its owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_logoff_on_a_personal_desktop_goes_through_the_agent() {
+    use deskgrid::desktop::protocol::FrameDecoder;
+    let (rig, vms) = rig_of(TemplateKind::Personal, 1, 1, settings(generous()));
+    let vm = vms[0];
+    rig.hello(vm);
+    rig.until_state(vm, VmState::Ready).await;
+    rig.service.desk().reserve(request("alice")).await.unwrap();
+    rig.says(vm, &login("alice", "tty1"));
+    rig.until_state(vm, VmState::InUse).await;
+    // What the host said so far (HelloAck); the LogOff comes after.
+    let _ = rig.hypervisor.guest_reads(vm).unwrap();
+
+    let ended = rig
+        .service
+        .desk()
+        .log_off(UserName::new("alice").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(ended, 1);
+    // The reader sends it after the agent's next frame (a heartbeat).
+    let mut decoder = FrameDecoder::new();
+    let mut to_guest = Vec::new();
+    rig.until("the LogOff reaches the guest", |rig| {
+        rig.says(
+            vm,
+            &Message::Heartbeat {
+                seq: 1,
+                uptime_ms: 1,
+            },
+        );
+        decoder.push(&rig.hypervisor.guest_reads(vm).unwrap());
+        while let Some(message) = decoder.next_message() {
+            to_guest.push(message.unwrap());
+        }
+        to_guest.contains(&Message::LogOff {
+            user: "alice".into(),
+        })
+    })
+    .await;
+    assert_eq!(
+        rig.state(vm),
+        (VmState::InUse, Some("alice".to_owned())),
+        "the guest is the truth: in use until the agent says she left"
+    );
+    rig.says(vm, &logout("alice", "tty1"));
+    rig.until_state(vm, VmState::Ready).await;
+    assert_eq!(
+        rig.state(vm).1.as_deref(),
+        Some("alice"),
+        "still her desktop"
+    );
+    rig.finish().await;
+}

@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 
 use protocol::{encode, FrameDecoder, FrameError, Message, MAX_SESSION_USERS, MAX_TEXT_LEN};
 
-use guest_sessions::{read_live_sessions, LiveSessions, SessionSources};
+use guest_sessions::{read_live_sessions, session_leaders, LiveSessions, SessionSources};
 
 const DEFAULT_PORT: &str = "/dev/virtio-ports/org.deskgrid.agent.0";
 /// `/var/run` is a symlink to `/run` on current systems; older ones keep
@@ -57,6 +57,10 @@ const SESSION_POLL: Duration = Duration::from_secs(1);
 /// Between a failed port and the next open: quick to reconnect once the host
 /// is back, slow enough that a missing port costs nothing.
 const REOPEN_DELAY: Duration = Duration::from_secs(1);
+/// After a logoff's signals, the sessions are read again this soon.
+const LOGOFF_SETTLE: Duration = Duration::from_millis(200);
+/// Session processes still there this long after SIGHUP/SIGTERM are killed.
+const LOGOFF_KILL_AFTER: Duration = Duration::from_secs(5);
 /// One read from the port; host frames are a dozen bytes.
 const READ_BUFFER_LEN: usize = 4096;
 
@@ -295,6 +299,11 @@ fn serve_connection(
             }
             // Acks only say the host is there; nothing to do.
             Ok(HostEvent::Message(Message::Ack { .. })) => {}
+            Ok(HostEvent::Message(Message::LogOff { user })) => {
+                log_off(&options.sources, &user);
+                // The next poll reports the Logout; make it soon.
+                next_poll = Instant::now() + LOGOFF_SETTLE;
+            }
             // Guest-to-host messages coming back: junk, dropped.
             Ok(HostEvent::Message(_)) => {}
             // Bad frames are dropped; the first of a connection is logged.
@@ -372,6 +381,58 @@ fn read_host_frames(mut port: File, events: mpsc::Sender<HostEvent>) {
                 return;
             }
         }
+    }
+}
+
+/// Ends every session of `user` (an admin's logoff from the grid): SIGHUP
+/// then SIGTERM to each session's leading process (a login shell exits on
+/// hangup; logind closes a session whose leader is gone), and SIGKILL to
+/// those still there a few seconds later, from a thread of its own so
+/// heartbeats go on. The agent never ends root's sessions.
+fn log_off(sources: &SessionSources, user: &str) {
+    if user.is_empty() || user == "root" {
+        eprintln!("deskgrid-agent: logoff of {user:?} refused");
+        return;
+    }
+    let leaders = session_leaders(sources, user);
+    eprintln!(
+        "deskgrid-agent: logging {user} off ({} session process(es))",
+        leaders.len()
+    );
+    if leaders.is_empty() {
+        return;
+    }
+    let result = std::thread::Builder::new()
+        .name("log-off".into())
+        .spawn(move || {
+            for signal in ["-HUP", "-TERM"] {
+                signal_all(signal, &leaders);
+            }
+            std::thread::sleep(LOGOFF_KILL_AFTER);
+            let left: Vec<u32> = leaders
+                .iter()
+                .copied()
+                .filter(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+                .collect();
+            if !left.is_empty() {
+                signal_all("-KILL", &left);
+            }
+        });
+    if let Err(error) = result {
+        eprintln!("deskgrid-agent: cannot start the logoff: {error}");
+    }
+}
+
+/// `kill SIGNAL PID...` (the standard library sends signals only to its own
+/// children, and the agent links nothing else).
+fn signal_all(signal: &str, pids: &[u32]) {
+    let status = std::process::Command::new("kill")
+        .arg(signal)
+        .args(pids.iter().map(u32::to_string))
+        .stderr(std::process::Stdio::null())
+        .status();
+    if let Err(error) = status {
+        eprintln!("deskgrid-agent: cannot run kill: {error}");
     }
 }
 

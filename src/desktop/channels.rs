@@ -144,7 +144,13 @@ pub struct AgentChannel {
     stop: Arc<AtomicBool>,
     counters: Arc<ChannelCounters>,
     thread: Option<JoinHandle<()>>,
+    /// Host-to-guest messages; the reader writes them after its next read
+    /// (the agent speaks every heartbeat, so within one interval).
+    outgoing: std::sync::mpsc::SyncSender<Message>,
 }
+
+/// Host-to-guest messages queued per channel before more are refused.
+const OUTGOING_QUEUE: usize = 16;
 
 impl AgentChannel {
     /// Starts reading `vm`'s channel on a thread of its own (channel reads
@@ -157,6 +163,7 @@ impl AgentChannel {
     ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(ChannelCounters::default());
+        let (outgoing, to_send) = std::sync::mpsc::sync_channel(OUTGOING_QUEUE);
         let reader = Reader {
             host,
             vm,
@@ -164,6 +171,7 @@ impl AgentChannel {
             reports,
             stop: Arc::clone(&stop),
             counters: Arc::clone(&counters),
+            to_send,
         };
         let thread = std::thread::Builder::new()
             .name(format!("agent-{}", short(vm)))
@@ -173,7 +181,14 @@ impl AgentChannel {
             stop,
             counters,
             thread: Some(thread),
+            outgoing,
         })
+    }
+
+    /// Queues `message` for the guest; `false` when the queue is full or
+    /// the reader has ended.
+    pub fn send(&self, message: Message) -> bool {
+        self.outgoing.try_send(message).is_ok()
     }
 
     pub fn vm(&self) -> VmId {
@@ -254,6 +269,7 @@ struct Reader {
     reports: mpsc::Sender<AgentReport>,
     stop: Arc<AtomicBool>,
     counters: Arc<ChannelCounters>,
+    to_send: std::sync::mpsc::Receiver<Message>,
 }
 
 impl Reader {
@@ -352,6 +368,14 @@ impl Reader {
             if decoder.is_desynchronised() {
                 return Ended::Desynchronised;
             }
+            // What the host has for the guest, now that it is listening.
+            while let Ok(message) = self.to_send.try_recv() {
+                if let Ok(frame) = encode(&message) {
+                    if let Err(error) = channel.write_all(&frame) {
+                        return Ended::Read(error);
+                    }
+                }
+            }
         }
     }
 
@@ -403,7 +427,7 @@ impl Reader {
             Message::Logout { user, session } => (AgentEvent::Logout { user, session }, None),
             Message::Sessions { users } => (AgentEvent::Sessions { users }, None),
             // Host-to-guest messages have no business coming from a guest.
-            Message::Ack { .. } | Message::HelloAck { .. } => {
+            Message::Ack { .. } | Message::HelloAck { .. } | Message::LogOff { .. } => {
                 self.counters.bad_frames.fetch_add(1, Ordering::Relaxed);
                 return None;
             }

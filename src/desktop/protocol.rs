@@ -74,7 +74,7 @@ const _: () = assert!(LARGEST_HELLO <= MAX_FRAME_PAYLOAD);
 
 /// A message between the agent and the appliance. Guest to host:
 /// `Hello`, `Heartbeat`, `Login`, `Logout`, `Sessions`; host to guest:
-/// `HelloAck`, `Ack`.
+/// `HelloAck`, `Ack`, `LogOff`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
     /// The agent's first message on every (re)connection.
@@ -112,6 +112,9 @@ pub enum Message {
     /// The appliance accepted the agent's `Hello`; heartbeats are expected
     /// every `heartbeat_interval_ms` from now on.
     HelloAck { heartbeat_interval_ms: u32 },
+    /// The appliance asks the guest to end every session of `user` (an
+    /// admin's logoff). The agent reports the `Logout` once they are gone.
+    LogOff { user: String },
 }
 
 /// The message type byte of each [`Message`]. Host-to-guest types have the
@@ -124,6 +127,7 @@ mod message_type {
     pub const SESSIONS: u8 = 0x05;
     pub const ACK: u8 = 0x81;
     pub const HELLO_ACK: u8 = 0x82;
+    pub const LOG_OFF: u8 = 0x83;
 }
 
 impl Message {
@@ -137,6 +141,7 @@ impl Message {
             Message::Sessions { .. } => "sessions",
             Message::Ack { .. } => "ack",
             Message::HelloAck { .. } => "hello-ack",
+            Message::LogOff { .. } => "log-off",
         }
     }
 
@@ -149,6 +154,7 @@ impl Message {
             Message::Sessions { .. } => message_type::SESSIONS,
             Message::Ack { .. } => message_type::ACK,
             Message::HelloAck { .. } => message_type::HELLO_ACK,
+            Message::LogOff { .. } => message_type::LOG_OFF,
         }
     }
 }
@@ -282,6 +288,7 @@ pub fn encode(message: &Message) -> Result<Vec<u8>, EncodeError> {
         Message::HelloAck {
             heartbeat_interval_ms,
         } => frame.extend_from_slice(&heartbeat_interval_ms.to_be_bytes()),
+        Message::LogOff { user } => put_text(&mut frame, name, "user", user)?,
     }
     // Fits: the field limits keep every message under MAX_FRAME_PAYLOAD
     // (the compile-time checks above), which is far below u32::MAX.
@@ -329,6 +336,7 @@ pub fn decode_payload(payload: &[u8]) -> Result<Message, FrameError> {
         message_type::SESSIONS => "sessions",
         message_type::ACK => "ack",
         message_type::HELLO_ACK => "hello-ack",
+        message_type::LOG_OFF => "log-off",
         other => {
             return Err(FrameError::UnknownMessageType {
                 message_type: other,
@@ -377,6 +385,9 @@ pub fn decode_payload(payload: &[u8]) -> Result<Message, FrameError> {
         }
         message_type::ACK => Ok(Message::Ack {
             seq: reader.u64("seq")?,
+        }),
+        message_type::LOG_OFF => Ok(Message::LogOff {
+            user: reader.text("user")?,
         }),
         // Only HELLO_ACK is left: every other type returned above.
         _ => Ok(Message::HelloAck {
@@ -578,6 +589,9 @@ mod tests {
             Message::Ack { seq: 0 },
             Message::HelloAck {
                 heartbeat_interval_ms: 2000,
+            },
+            Message::LogOff {
+                user: "alice".into(),
             },
         ]
     }

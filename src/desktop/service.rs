@@ -746,9 +746,14 @@ impl Shared {
                     tracing::warn!(%vm, keep_disk, phase = ?desk.lifecycle.phase(), "desktop VM failed; recorded as failed so the planner replaces it");
                 }
                 Effect::LogOff { user } => {
-                    // The agent has no way to log a user off yet: the guest
-                    // is refreshed right after, which ends the session anyway.
-                    tracing::info!(%vm, %user, "logoff requested; the agent cannot log users off yet, the refresh ends the session");
+                    // Best effort: a pooled guest is refreshed right after,
+                    // which ends the session whatever the agent manages.
+                    let asked = desk.channel.as_ref().is_some_and(|channel| {
+                        channel.send(super::protocol::Message::LogOff {
+                            user: user.to_string(),
+                        })
+                    });
+                    tracing::info!(%vm, %user, agent_asked = asked, "logging the user off");
                 }
                 Effect::ReleaseReservation { user } => {
                     tracing::info!(%vm, %user, "reservation released");
@@ -883,7 +888,23 @@ impl Shared {
                     && matches!(desk.lifecycle.phase(), Phase::InUse { .. })
             });
             if personal_in_use {
-                refused = Some(vm);
+                // The disk is the owner's: the guest logs the user off,
+                // and the agent's Logout ends the session here.
+                let asked = desks
+                    .vms
+                    .get(&vm)
+                    .and_then(|desk| desk.channel.as_ref())
+                    .is_some_and(|channel| {
+                        channel.send(super::protocol::Message::LogOff {
+                            user: user.to_string(),
+                        })
+                    });
+                if asked {
+                    tracing::info!(%vm, %user, "the guest agent is asked to log the user off");
+                    ended += 1;
+                } else {
+                    refused = Some(vm);
+                }
                 continue;
             }
             if self.apply(
@@ -898,7 +919,7 @@ impl Shared {
         match (ended, refused) {
             (0, Some(vm)) => Err(ReserveRefusal::Failed {
                 reason: format!(
-                    "{user} is logged in on personal desktop {vm}; the agent cannot log a user off yet"
+                    "{user} is logged in on personal desktop {vm}, whose agent cannot be reached now; try again when it is"
                 ),
             }),
             _ => Ok(ended),

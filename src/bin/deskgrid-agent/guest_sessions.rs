@@ -127,6 +127,15 @@ fn read_bounded(path: &Path, max_bytes: u64) -> std::io::Result<Vec<u8>> {
 /// exists is stale (its login process died without writing `DEAD_PROCESS`)
 /// and skipped too.
 pub fn utmp_user_sessions(bytes: &[u8]) -> Vec<(String, String)> {
+    utmp_user_records(bytes)
+        .into_iter()
+        .map(|(user, line, _)| (user, line))
+        .collect()
+}
+
+/// `(user, line, pid)` of every live `USER_PROCESS` record (see
+/// [`utmp_user_sessions`]).
+fn utmp_user_records(bytes: &[u8]) -> Vec<(String, String, i32)> {
     bytes
         .chunks_exact(UTMP_RECORD_LEN)
         .filter_map(|record| {
@@ -147,9 +156,59 @@ pub fn utmp_user_sessions(bytes: &[u8]) -> Vec<(String, String)> {
             if user.is_empty() {
                 return None;
             }
-            Some((user, fixed_text(&record[UT_LINE])))
+            Some((user, fixed_text(&record[UT_LINE]), pid))
         })
         .collect()
+}
+
+/// The processes leading `user`'s live sessions: the login process of each
+/// utmp record and the `LEADER` of each logind session. Ending them ends
+/// the sessions (a login shell exits on SIGHUP, logind closes a session
+/// whose leader is gone).
+pub fn session_leaders(sources: &SessionSources, user: &str) -> Vec<u32> {
+    let mut leaders = BTreeSet::new();
+    if let Some(utmp) = sources.utmp_candidates.iter().find(|path| path.exists()) {
+        if let Ok(bytes) = read_bounded(utmp, MAX_UTMP_BYTES) {
+            for (owner, _, pid) in utmp_user_records(&bytes) {
+                if owner == user {
+                    if let Ok(pid) = u32::try_from(pid) {
+                        leaders.insert(pid);
+                    }
+                }
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(&sources.logind_dir) {
+        for entry in entries.flatten().take(MAX_SESSION_FILES) {
+            if entry.file_name().to_string_lossy().contains('.') {
+                continue;
+            }
+            let Ok(bytes) = read_bounded(&entry.path(), MAX_SESSION_FILE_BYTES) else {
+                continue;
+            };
+            let contents = String::from_utf8_lossy(&bytes);
+            if logind_session_user(&contents).as_deref() == Some(user) {
+                if let Some(leader) = logind_session_leader(&contents) {
+                    leaders.insert(leader);
+                }
+            }
+        }
+    }
+    // Never init, never the agent itself.
+    leaders.remove(&0);
+    leaders.remove(&1);
+    leaders.remove(&std::process::id());
+    leaders.into_iter().collect()
+}
+
+/// The `LEADER=` pid of a logind session file.
+fn logind_session_leader(contents: &str) -> Option<u32> {
+    contents.lines().find_map(|line| {
+        let (key, value) = line.split_once('=')?;
+        (key.trim() == "LEADER")
+            .then(|| value.trim().parse().ok())
+            .flatten()
+    })
 }
 
 /// A `char[N]` field: up to the first NUL (or all N bytes: the fields are
