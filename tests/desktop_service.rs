@@ -648,7 +648,18 @@ async fn a_disconnected_viewer_keeps_the_session_for_the_grace_then_the_desktop_
     // The last one closes, and the viewer comes back within the grace.
     rig.hypervisor
         .display_event(vm, DisplayPhase::Disconnected, "10.0.0.5:5002");
-    tokio::time::sleep(GRACE / 4).await;
+    let viewer_gone = |rig: &Rig| {
+        rig.host
+            .record()
+            .sessions
+            .values()
+            .find(|session| session.vm == vm)
+            .and_then(|session| session.viewer_gone_at_ms)
+    };
+    rig.until("the session record shows the viewer gone", |rig| {
+        viewer_gone(rig).is_some()
+    })
+    .await;
     rig.hypervisor
         .display_event(vm, DisplayPhase::Authenticated, "10.0.0.7:6001");
     tokio::time::sleep(GRACE * 2).await;
@@ -657,6 +668,7 @@ async fn a_disconnected_viewer_keeps_the_session_for_the_grace_then_the_desktop_
         (VmState::InUse, Some("alice".to_owned())),
         "a reconnect within the grace keeps the session"
     );
+    assert_eq!(viewer_gone(&rig), None, "the record shows the viewer back");
 
     // Gone for good: the grace runs out, the pooled desktop is refreshed.
     let left = Instant::now();

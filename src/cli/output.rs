@@ -553,21 +553,19 @@ impl Output {
                 let server_width =
                     column_width("server", sessions.iter().map(|row| row.server_name.clone()));
                 println!(
-                    "{:<user_width$}  {:<8}  {:<server_width$}  {:<36}  since",
+                    "{:<user_width$}  {:<12}  {:<server_width$}  {:<36}  since",
                     "user", "state", "server", "vm"
                 );
                 for row in sessions {
-                    let since = row.since_ms.map_or_else(
-                        || "-".to_owned(),
-                        |ms| {
-                            format!(
-                                "{} s ago",
-                                crate::service::now_ms().saturating_sub(ms) / 1000
-                            )
-                        },
-                    );
+                    let ago = |ms: u64| crate::service::now_ms().saturating_sub(ms) / 1000;
+                    let mut since = row
+                        .since_ms
+                        .map_or_else(|| "-".to_owned(), |ms| format!("{} s ago", ago(ms)));
+                    if let Some(gone) = row.viewer_gone_at_ms {
+                        since.push_str(&format!(" (viewer gone {} s ago)", ago(gone)));
+                    }
                     println!(
-                        "{:<user_width$}  {:<8}  {:<server_width$}  {:<36}  {since}",
+                        "{:<user_width$}  {:<12}  {:<server_width$}  {:<36}  {since}",
                         row.user.to_string(),
                         row.state,
                         row.server_name,

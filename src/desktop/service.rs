@@ -202,6 +202,9 @@ struct Desks {
     /// Session records to add and remove at the next write.
     sessions_added: BTreeMap<SessionId, SessionRecord>,
     sessions_removed: BTreeSet<SessionId>,
+    /// Sessions whose viewer went (`Some(when)`) or came back (`None`),
+    /// for the next write.
+    viewer_changes: BTreeMap<SessionId, Option<u64>>,
     /// The lifecycle's rules now: the settings' timers with the grid
     /// policy's disconnect grace.
     lifecycle: LifecyclePolicy,
@@ -624,14 +627,24 @@ impl Shared {
                 let first = desk.viewers.is_empty();
                 if desk.viewers.insert(event.client) && first {
                     tracing::info!(%vm, "viewer connected");
-                    self.apply(desks, vm, Event::ViewerConnected);
+                    let session = desk.lifecycle.session();
+                    if self.apply(desks, vm, Event::ViewerConnected) {
+                        if let Some(session) = session {
+                            desks.viewer_changes.insert(session, None);
+                        }
+                    }
                 }
             }
             DisplayPhase::Disconnected => {
                 if desk.viewers.remove(&event.client) && desk.viewers.is_empty() {
                     let now_ms = self.host.now_ms();
                     tracing::info!(%vm, grace_s = desks.lifecycle.disconnect_grace_ms / 1_000, "viewer disconnected");
-                    self.apply(desks, vm, Event::ViewerDisconnected { now_ms });
+                    let session = desk.lifecycle.session();
+                    if self.apply(desks, vm, Event::ViewerDisconnected { now_ms }) {
+                        if let Some(session) = session {
+                            desks.viewer_changes.insert(session, Some(now_ms));
+                        }
+                    }
                 }
             }
         }
@@ -787,6 +800,7 @@ impl Shared {
                         user,
                         vm,
                         started_at_ms: now_ms,
+                        viewer_gone_at_ms: None,
                     },
                 );
             }
@@ -814,12 +828,16 @@ impl Shared {
             .iter()
             .filter_map(|(vm, desk)| desk.unwritten.clone().map(|state| (*vm, state)))
             .collect();
-        if states.is_empty() && desks.sessions_added.is_empty() && desks.sessions_removed.is_empty()
+        if states.is_empty()
+            && desks.sessions_added.is_empty()
+            && desks.sessions_removed.is_empty()
+            && desks.viewer_changes.is_empty()
         {
             return;
         }
         let added = desks.sessions_added.clone();
         let removed = desks.sessions_removed.clone();
+        let viewer_changes = desks.viewer_changes.clone();
         let host = Arc::clone(&self.host);
         let written = {
             let states = states.clone();
@@ -841,6 +859,11 @@ impl Shared {
                             record.sessions.insert(*id, session.clone());
                         }
                     }
+                    for (id, gone) in &viewer_changes {
+                        if let Some(session) = record.sessions.get_mut(id) {
+                            session.viewer_gone_at_ms = *gone;
+                        }
+                    }
                 })
             })
             .await
@@ -856,6 +879,7 @@ impl Shared {
                 }
                 desks.sessions_added.clear();
                 desks.sessions_removed.clear();
+                desks.viewer_changes.clear();
             }
             Ok(Err(error)) => {
                 self.counters.failed_writes.fetch_add(1, Ordering::Relaxed);

@@ -75,6 +75,11 @@ pub struct SessionRecord {
     pub user: UserName,
     pub vm: VmId,
     pub started_at_ms: u64,
+    /// When the user's viewer went away (hosting server's clock, Unix ms);
+    /// `None` while a viewer is attached or none was ever seen. After the
+    /// grid policy's `disconnect_grace_s` a pooled desktop is logged off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub viewer_gone_at_ms: Option<u64>,
 }
 
 /// An image version this server is pulling now, for every admin to see.

@@ -90,10 +90,15 @@ pub struct SessionSummary {
     pub template: Option<TemplateName>,
     pub server: ServerId,
     pub server_name: String,
-    /// `in-use` (a session) or `reserved` (reserved, not yet logged in).
+    /// `in-use` (a session), `disconnected` (a session whose viewer went
+    /// away) or `reserved` (reserved, not yet logged in).
     pub state: String,
     /// When the session started (Unix ms); none for a reservation.
     pub since_ms: Option<u64>,
+    /// When the user's viewer went away (Unix ms), for a session whose
+    /// state is `disconnected`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub viewer_gone_at_ms: Option<u64>,
 }
 
 impl GridService {
@@ -312,8 +317,14 @@ impl GridService {
                     template: template_of(&session.vm),
                     server,
                     server_name: record.name.clone(),
-                    state: "in-use".to_owned(),
+                    state: if session.viewer_gone_at_ms.is_some() {
+                        "disconnected"
+                    } else {
+                        "in-use"
+                    }
+                    .to_owned(),
                     since_ms: Some(session.started_at_ms),
+                    viewer_gone_at_ms: session.viewer_gone_at_ms,
                 });
             }
             for vm in record.vms.values() {
@@ -334,6 +345,7 @@ impl GridService {
                         }
                         .to_owned(),
                         since_ms: None,
+                        viewer_gone_at_ms: None,
                     });
                 }
             }
@@ -546,6 +558,7 @@ mod tests {
             user: UserName::new("bob").expect("valid"),
             vm: VmId::from_bytes([1; 16]),
             started_at_ms: 1_234,
+            viewer_gone_at_ms: None,
         };
         record.sessions.insert(session.id, session);
         let hlc = grid.clock.tick(super::super::now_ms());
