@@ -7,8 +7,12 @@
 //! with its own libvirt pool; the tiny test guest with the real agent (TCG),
 //! a pooled template of four desktops split over the two servers, eight
 //! entitled users. The link is cut; eight logins at the same moment, four
-//! from each side (`ip netns exec`); the link is healed; once both servers'
-//! state digests agree, every reservation record is checked.
+//! from each side (`ip netns exec`), answered within the broker's deadline.
+//! The cut goes on until each side's failure detector declares the other
+//! missing; the first round's users are logged off and all eight log in
+//! again: still each side reserves only its own desktops, and the missing
+//! side is not asked. The link is healed; once both servers' state digests
+//! agree, every reservation record is checked against the second round.
 //!
 //! A host without libvirtd fails (run `bash scripts/setup-host.sh`); a host
 //! where namespaces cannot be made (not root) fails too. [`PartitionCleanup`]
@@ -438,115 +442,66 @@ fn no_desktop_is_reserved_for_two_users_across_a_partition() {
     network_of(&cleanup).connect(false);
     let cut_at = Instant::now();
     eprintln!("[{:6.1} s] link cut", started.elapsed().as_secs_f64());
-    let barrier = Barrier::new(USERS.len());
-    let outputs: Vec<(&str, usize, Output, Duration)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = USERS
-            .iter()
-            .enumerate()
-            .map(|(index, user)| {
-                let side = index / 4;
-                let member = &members[side];
-                let namespace = namespaces[side].clone();
-                let (barrier, root, password_file) = (&barrier, &root, &password_file);
-                scope.spawn(move || {
-                    let vv = root.join(format!("{user}.vv")).display().to_string();
-                    barrier.wait();
-                    let begun = Instant::now();
-                    let output = deskgrid_in(
-                        &namespace,
-                        &member.data_dir,
-                        &[
-                            "--output",
-                            "json",
-                            "connect",
-                            "--user",
-                            user,
-                            "--password-file",
-                            password_file,
-                            "--vv-file",
-                            &vv,
-                        ],
-                    )
-                    .output()
-                    .unwrap();
-                    (*user, side, output, begun.elapsed())
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|handle| handle.join().unwrap())
-            .collect()
-    });
+    let outputs = login_round(&members, &namespaces, &root, &password_file);
     eprintln!(
         "[{:6.1} s] 8 concurrent connects answered within {:.2} s of the cut",
         started.elapsed().as_secs_f64(),
         cut_at.elapsed().as_secs_f64()
     );
-    let mut answers: Vec<Answer> = Vec::new();
-    for (user, side, output, took) in &outputs {
-        let via = members[*side].name;
-        if output.status.success() {
-            let reservation = &json(output)["reservation"];
-            let answer = Answer {
-                user: (*user).to_owned(),
-                via,
-                vm: reservation["vm"].as_str().unwrap().to_owned(),
-                server: reservation["server"].as_str().unwrap().to_owned(),
-                expires_at_ms: reservation["expires_at_ms"].as_u64().unwrap(),
-            };
-            eprintln!(
-                "             {user} via {via}: VM {} on {} in {:.2} s",
-                answer.vm,
-                answer.server,
-                took.as_secs_f64()
-            );
-            answers.push(answer);
-        } else {
-            eprintln!(
-                "             {user} via {via}: refused ({}) in {:.2} s: {}{}",
-                output.status,
-                took.as_secs_f64(),
-                stdout(output).trim(),
-                stderr(output).trim()
-            );
-        }
-    }
+    let first = answers_of(&members, &outputs);
+    check_partitioned(&first, &ready_on);
 
-    // During the cut each side reserves only its own desktops, at most as
-    // many as it has, and every one of them for at most one user.
-    for answer in &answers {
-        assert_eq!(
-            answer.server, answer.via,
-            "during the cut, {} via {} got a desktop on the other side: {answers:#?}",
-            answer.user, answer.via
-        );
-    }
-    for (name, ready) in &ready_on {
-        let taken = answers.iter().filter(|answer| answer.via == *name).count();
+    // The cut goes on until each side's failure detector has declared the
+    // other missing (SWIM's suspicion timeout, not the broker's deadline).
+    // The first round's users leave (an admin's logoff on their own side),
+    // and everyone logs in again: still each side only its own desktops,
+    // and the missing side is not even asked.
+    for answer in &first {
+        let side = members
+            .iter()
+            .position(|member| member.name == answer.via)
+            .unwrap();
+        let output = deskgrid_in(
+            &namespaces[side],
+            &members[side].data_dir,
+            &["session", "logoff", &answer.user],
+        )
+        .output()
+        .unwrap();
         assert!(
-            taken as u64 <= *ready,
-            "{name} gave {taken} desktops but had {ready} ready: {answers:#?}"
+            output.status.success(),
+            "logoff of {}: {}",
+            answer.user,
+            stderr(&output)
         );
     }
-    let mut holders: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
-    for answer in &answers {
-        holders
-            .entry(answer.vm.as_str())
-            .or_default()
-            .insert(answer.user.as_str());
-    }
-    for (vm, users) in &holders {
-        assert_eq!(
-            users.len(),
-            1,
-            "VM {vm} was given to {users:?} during the partition: {answers:#?}"
+    for (side, other) in [(0, 1), (1, 0)] {
+        wait_for(
+            started,
+            &format!(
+                "{} sees {} missing",
+                members[side].name, members[other].name
+            ),
+            &members[side],
+            |status| server(status, members[other].name)["state"] == "missing",
         );
     }
-    assert!(
-        !answers.is_empty(),
-        "nobody got a desktop during the cut (each side had its own free ones)"
+    eprintln!(
+        "[{:6.1} s] each side sees the other missing, {:.1} s after the cut",
+        started.elapsed().as_secs_f64(),
+        cut_at.elapsed().as_secs_f64()
     );
+    let outputs = login_round(&members, &namespaces, &root, &password_file);
+    let answers = answers_of(&members, &outputs);
+    check_partitioned(&answers, &ready_on);
+    for (user, side, output, _) in &outputs {
+        assert!(
+            output.status.success() || !stderr(output).contains("unreachable"),
+            "{user} via {}: the missing side was asked: {}",
+            members[*side].name,
+            stderr(output)
+        );
+    }
 
     // The heal; once the digests agree, every reservation record on both
     // sides.
@@ -631,6 +586,130 @@ fn no_desktop_is_reserved_for_two_users_across_a_partition() {
     eprintln!("whole test: {:.1} s", started.elapsed().as_secs_f64());
     assert!(started.elapsed() < TEST_BOUND);
     drop(cleanup);
+}
+
+/// Eight logins at the same moment: u1..u4 through alpha's broker inside
+/// alpha's namespace, u5..u8 through beta's.
+fn login_round(
+    members: &[Member; 2],
+    namespaces: &[String; 2],
+    root: &Path,
+    password_file: &str,
+) -> Vec<(&'static str, usize, Output, Duration)> {
+    let barrier = Barrier::new(USERS.len());
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = USERS
+            .iter()
+            .enumerate()
+            .map(|(index, user)| {
+                let side = index / 4;
+                let member = &members[side];
+                let namespace = namespaces[side].clone();
+                let barrier = &barrier;
+                scope.spawn(move || {
+                    let vv = root.join(format!("{user}.vv")).display().to_string();
+                    barrier.wait();
+                    let begun = Instant::now();
+                    let output = deskgrid_in(
+                        &namespace,
+                        &member.data_dir,
+                        &[
+                            "--output",
+                            "json",
+                            "connect",
+                            "--user",
+                            user,
+                            "--password-file",
+                            password_file,
+                            "--vv-file",
+                            &vv,
+                        ],
+                    )
+                    .output()
+                    .unwrap();
+                    (*user, side, output, begun.elapsed())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|handle| handle.join().unwrap())
+            .collect()
+    })
+}
+
+/// The desktops a round's logins were given (refusals printed).
+fn answers_of(
+    members: &[Member; 2],
+    outputs: &[(&'static str, usize, Output, Duration)],
+) -> Vec<Answer> {
+    let mut answers: Vec<Answer> = Vec::new();
+    for (user, side, output, took) in outputs {
+        let via = members[*side].name;
+        if output.status.success() {
+            let reservation = &json(output)["reservation"];
+            let answer = Answer {
+                user: (*user).to_owned(),
+                via,
+                vm: reservation["vm"].as_str().unwrap().to_owned(),
+                server: reservation["server"].as_str().unwrap().to_owned(),
+                expires_at_ms: reservation["expires_at_ms"].as_u64().unwrap(),
+            };
+            eprintln!(
+                "             {user} via {via}: VM {} on {} in {:.2} s",
+                answer.vm,
+                answer.server,
+                took.as_secs_f64()
+            );
+            answers.push(answer);
+        } else {
+            eprintln!(
+                "             {user} via {via}: refused ({}) in {:.2} s: {}{}",
+                output.status,
+                took.as_secs_f64(),
+                stdout(output).trim(),
+                stderr(output).trim()
+            );
+        }
+    }
+    answers
+}
+
+/// During the cut each side reserves only its own desktops, at most as
+/// many as it has, and every one of them for at most one user.
+fn check_partitioned(answers: &[Answer], ready_on: &BTreeMap<&str, u64>) {
+    for answer in answers {
+        assert_eq!(
+            answer.server, answer.via,
+            "during the cut, {} via {} got a desktop on the other side: {answers:#?}",
+            answer.user, answer.via
+        );
+    }
+    for (name, ready) in ready_on {
+        let taken = answers.iter().filter(|answer| answer.via == *name).count();
+        assert!(
+            taken as u64 <= *ready,
+            "{name} gave {taken} desktops but had {ready} ready: {answers:#?}"
+        );
+    }
+    let mut holders: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for answer in answers {
+        holders
+            .entry(answer.vm.as_str())
+            .or_default()
+            .insert(answer.user.as_str());
+    }
+    for (vm, users) in &holders {
+        assert_eq!(
+            users.len(),
+            1,
+            "VM {vm} was given to {users:?} during the partition: {answers:#?}"
+        );
+    }
+    assert!(
+        !answers.is_empty(),
+        "nobody got a desktop during the cut (each side had its own free ones)"
+    );
 }
 
 fn network_of(cleanup: &PartitionCleanup) -> &SplitNetwork {
