@@ -5,9 +5,13 @@
 //! the most ready VMs, so the balancer picks it) and all local; the gap is
 //! the peer RPC's cost. Password checking is measured separately, with the
 //! real argon2id parameters, and the logins run both with a stand-in check
-//! (the broker's own cost) and with real argon2 (what a user meets).
+//! (the broker's own cost) and with real argon2 (what a user meets). A
+//! third run connects with session tokens, as a portal does after one login
+//! through the HTTPS API: the token looked up in the API's `SessionStore`,
+//! then `connect_authenticated` (no password check; the user and their
+//! entitlements checked against the snapshot). HTTP and TLS are left out.
 //!
-//! `cargo bench --bench broker [-- --logins N --argon2-logins N --concurrency C]`
+//! `cargo bench --bench broker [-- --logins N --argon2-logins N --token-connects N --concurrency C]`
 //!
 //! The hosting side here is a minimal `PeerHandler` that decodes the
 //! request, asks the desk and encodes the answer: the federation's own
@@ -19,6 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use deskgrid::api::http::sessions::{SessionStore, SessionToken, TOKEN_BYTES};
 use deskgrid::desktop::broker::{
     BrokerHost, BrokerSettings, BrokerSnapshot, ConnectRequest, ConnectionBroker, FederationDesks,
     Password,
@@ -215,8 +220,70 @@ struct Figures {
     remote_share: f64,
 }
 
+/// How each connect proves who it is.
+#[derive(Clone)]
+enum Credentials {
+    /// The password, checked by the broker (stand-in or argon2id, as the
+    /// host says).
+    Password,
+    /// A session token issued at an earlier login, one per user.
+    Token {
+        sessions: Arc<std::sync::Mutex<SessionStore>>,
+        tokens: Arc<Vec<SessionToken>>,
+    },
+}
+
+impl Credentials {
+    /// One token per user, issued as `POST /api/v1/login` does.
+    fn tokens() -> anyhow::Result<Self> {
+        let mut store = SessionStore::default();
+        let mut tokens = Vec::new();
+        for index in 0..USERS {
+            let mut random = [0u8; TOKEN_BYTES];
+            rand::Rng::fill(&mut rand::rng(), &mut random[..]);
+            let token = SessionToken::from_random(random);
+            store.issue(&token, UserName::new(format!("user{index}"))?, 1_000);
+            tokens.push(token);
+        }
+        Ok(Self::Token {
+            sessions: Arc::new(std::sync::Mutex::new(store)),
+            tokens: Arc::new(tokens),
+        })
+    }
+}
+
+async fn connect_once(
+    broker: &ConnectionBroker,
+    credentials: &Credentials,
+    index: usize,
+) -> anyhow::Result<Reservation> {
+    let user = UserName::new(format!("user{}", index % USERS))?;
+    let answer = match credentials {
+        Credentials::Password => {
+            let request = ConnectRequest {
+                user,
+                password: Password::new(PASSWORD.to_owned()),
+                template: None,
+                client_site: None,
+                source: format!("client-{index}"),
+            };
+            broker.connect(request, 1_000).await
+        }
+        Credentials::Token { sessions, tokens } => {
+            let user = sessions
+                .lock()
+                .map_err(|_| anyhow::anyhow!("session store poisoned"))?
+                .user(&tokens[index % USERS], 2_000)
+                .context("an issued token is unknown")?;
+            broker.connect_authenticated(&user, None, None).await
+        }
+    };
+    answer.map_err(|error| anyhow::anyhow!("login failed: {error}"))
+}
+
 async fn run_logins(
     broker: Arc<ConnectionBroker>,
+    credentials: Credentials,
     local_name: &str,
     logins: usize,
     concurrency: usize,
@@ -226,6 +293,7 @@ async fn run_logins(
     let mut workers = Vec::new();
     for _ in 0..concurrency {
         let broker = Arc::clone(&broker);
+        let credentials = credentials.clone();
         let next = Arc::clone(&next);
         let local_name = local_name.to_owned();
         workers.push(tokio::spawn(async move {
@@ -236,18 +304,8 @@ async fn run_logins(
                 if index >= logins {
                     break;
                 }
-                let request = ConnectRequest {
-                    user: UserName::new(format!("user{}", index % USERS))?,
-                    password: Password::new(PASSWORD.to_owned()),
-                    template: None,
-                    client_site: None,
-                    source: format!("client-{index}"),
-                };
                 let begun = Instant::now();
-                let reservation = broker
-                    .connect(request, 1_000)
-                    .await
-                    .map_err(|error| anyhow::anyhow!("login failed: {error}"))?;
+                let reservation = connect_once(&broker, &credentials, index).await?;
                 latencies.push(begun.elapsed());
                 if reservation.server != local_name {
                     remote += 1;
@@ -293,6 +351,8 @@ fn main() -> anyhow::Result<()> {
     let concurrency = argument("--concurrency", 32)?;
     // Each costs an argon2id verification: tens of ms of a core.
     let argon2_logins = argument("--argon2-logins", 200)?;
+    // Connects with a session token (no password check): as many as logins.
+    let token_connects = argument("--token-connects", logins)?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         // Argon2 alone, with the parameters `deskgrid user add` uses.
@@ -334,10 +394,10 @@ fn main() -> anyhow::Result<()> {
         ] {
             let state = grid_state(&servers, &ready, &phc)?;
             let snapshot = Arc::new(BrokerSnapshot::new(&state, ids[0], 7, |_| Liveness::Alive));
-            for real_argon2 in [false, true] {
+            for check in ["stand-in", "argon2id", "token"] {
                 let host = Arc::new(BenchHost {
                     snapshot: Arc::clone(&snapshot),
-                    real_argon2,
+                    real_argon2: check == "argon2id",
                     phc: phc.clone(),
                 });
                 let local = DeskSlot::default();
@@ -350,13 +410,22 @@ fn main() -> anyhow::Result<()> {
                     Arc::new(FederationDesks::new(Some(Arc::clone(&endpoints[0])))),
                     BrokerSettings::default(),
                 ));
+                let (credentials, count, what) = match check {
+                    "token" => (Credentials::tokens()?, token_connects, "connects"),
+                    "argon2id" => (Credentials::Password, argon2_logins, "logins"),
+                    _ => (Credentials::Password, logins, "logins"),
+                };
                 // Warm the connections up.
-                run_logins(Arc::clone(&broker), &local_name, 50, 4).await?;
-                let count = if real_argon2 { argon2_logins } else { logins };
-                let figures = run_logins(broker, &local_name, count, concurrency).await?;
-                let check = if real_argon2 { "argon2id" } else { "stand-in" };
+                run_logins(Arc::clone(&broker), credentials.clone(), &local_name, 50, 4).await?;
+                let figures =
+                    run_logins(broker, credentials, &local_name, count, concurrency).await?;
+                let label = if check == "token" {
+                    "session token, no password check".to_owned()
+                } else {
+                    format!("{check} password check")
+                };
                 println!(
-                    "{placement:>6} reservations, {check:>8} password check: {:>7.0} logins/s, p50 {:>6.2} ms, p99 {:>6.2} ms ({:.0}% remote, {count} logins, {concurrency} at once)",
+                    "{placement:>6} reservations, {label:>32}: {:>7.0} {what}/s, p50 {:>6.2} ms, p99 {:>6.2} ms ({:.0}% remote, {count} {what}, {concurrency} at once)",
                     figures.logins_per_s,
                     figures.p50.as_secs_f64() * 1000.0,
                     figures.p99.as_secs_f64() * 1000.0,

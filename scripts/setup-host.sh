@@ -12,6 +12,9 @@ packages=(
   busybox-static syslinux syslinux-common mtools dosfstools cpio python3
   # benches/transfer*.rs and benches/swarm.rs: rsync baselines, namespaces and tc
   rsync iproute2
+  # tests/api_http.rs and tests/desktop_grid.rs: the HTTPS API through the
+  # real curl (and openssl for the certificate's fingerprint)
+  curl openssl ca-certificates
 )
 
 log() { printf '==> %s\n' "$*"; }

@@ -17,8 +17,10 @@
 //!   is sent back to the same desktop, which stays theirs as long as the
 //!   new answer says; reservations nobody logs in to lapse and their
 //!   desktops are ready again;
-//! - with one desktop taken on server S, the other server K is the broker's
-//!   first choice for a new user (least loaded). K is SIGKILLed (its VMs
+//! - with one desktop taken on server S (by a user who logs in through
+//!   alpha's HTTPS API with curl: a token, then the reservation as JSON and
+//!   as a `.vv` file), the other server K is the broker's first choice for
+//!   a new user (least loaded). K is SIGKILLed (its VMs
 //!   keep running, out of reach) and a user connects on S at once: the
 //!   broker asks K, gets no answer within its deadline, falls back to S and
 //!   the user gets S's free desktop.
@@ -282,8 +284,48 @@ fn domain_name(vm: &Value) -> String {
 /// and the agent talks over virtio-serial anyway.
 fn settings(member: &Member, address: &str) -> Vec<String> {
     let mut settings = member.settings(address);
-    settings.extend(strings(&["--network", "none"]));
+    // The HTTPS API on any free port (read back from `deskgrid status`).
+    settings.extend(strings(&[
+        "--network",
+        "none",
+        "--api-listen",
+        "127.0.0.1:0",
+    ]));
     settings
+}
+
+/// `curl` POSTing `body` to `member`'s HTTPS API at `path`, verifying the
+/// server's certificate; the status and the body.
+fn https_post(member: &Member, path: &str, body: &str, extra_headers: &[&str]) -> (u16, String) {
+    let api = member.status()["api"].clone();
+    assert_eq!(api["state"], "listening", "{api}");
+    let certificate = member.data_dir.join("api/tls-cert.pem");
+    let mut command = std::process::Command::new("curl");
+    command
+        .args(["--silent", "--show-error", "--max-time", "30"])
+        .arg("--cacert")
+        .arg(&certificate)
+        .args([
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            body,
+        ])
+        .args(["--write-out", "\n%{http_code}"]);
+    for header in extra_headers {
+        command.args(["-H", header]);
+    }
+    let output = command
+        .arg(format!(
+            "https://{}{path}",
+            api["address"].as_str().unwrap()
+        ))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "curl: {}", stderr(&output));
+    let text = stdout(&output);
+    let (body, status) = text.rsplit_once('\n').unwrap();
+    (status.trim().parse().unwrap(), body.to_owned())
 }
 
 /// Starts `member`'s server, logging to `member.log(1)`, and waits until it
@@ -757,8 +799,61 @@ fn when_the_first_choice_is_killed_the_broker_falls_back() {
     // u1 takes a desktop on some server S. S is then more loaded than the
     // other server K, so K is every broker's first choice for a new user
     // (the connection balancer ranks by load before anything else).
-    let first = grid.connect(grid.member("alpha"), "u1");
-    let first_reservation = first.reservation();
+    // u1 comes through alpha's HTTPS API, as a portal would: one login
+    // (one password check) for a token, then a connect with the token,
+    // answered as JSON, then once more as the `.vv` file (u1's own desktop
+    // again, with a new ticket).
+    let alpha = grid.member("alpha");
+    let login = serde_json::json!({"user": "u1", "password": USER_PASSWORD}).to_string();
+    let (code, answer) = https_post(alpha, "/api/v1/login", &login, &[]);
+    assert_eq!(code, 200, "{answer}");
+    let token = serde_json::from_str::<Value>(&answer).unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let bearer = format!("Authorization: Bearer {token}");
+    let https_started = Instant::now();
+    let (code, answer) = https_post(alpha, "/api/v1/connect", "{}", &[&bearer]);
+    assert_eq!(code, 200, "{answer}");
+    let first_reservation = serde_json::from_str::<Value>(&answer).unwrap()["reservation"].clone();
+    assert_eq!(first_reservation["template"], TEMPLATE);
+    assert_eq!(first_reservation["returning"], false);
+    let (code, viewer_file) = https_post(
+        alpha,
+        "/api/v1/connect",
+        "{}",
+        &[&bearer, "Accept: application/x-virt-viewer"],
+    );
+    assert_eq!(code, 200, "{viewer_file}");
+    let settings: BTreeMap<&str, &str> = viewer_file
+        .lines()
+        .filter_map(|line| line.split_once('='))
+        .collect();
+    assert!(
+        viewer_file.starts_with("[virt-viewer]\ntype=spice\n"),
+        "{viewer_file}"
+    );
+    assert_eq!(
+        settings.get("host").copied(),
+        first_reservation["host"].as_str()
+    );
+    assert_eq!(
+        settings
+            .get("port")
+            .and_then(|port| port.parse::<u64>().ok()),
+        first_reservation["port"].as_u64(),
+        "the same desktop's display: {viewer_file}"
+    );
+    assert!(settings
+        .get("password")
+        .is_some_and(|ticket| ticket.len() >= 8));
+    eprintln!(
+        "[{:6.1} s] u1 via alpha's HTTPS API: VM {} on {}, JSON then .vv in {:.2} s",
+        grid.elapsed(),
+        first_reservation["vm"],
+        first_reservation["server"],
+        https_started.elapsed().as_secs_f64()
+    );
     let survivor = first_reservation["server"].as_str().unwrap().to_owned();
     let killed = if survivor == "alpha" { "beta" } else { "alpha" };
     eprintln!(

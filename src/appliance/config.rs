@@ -13,6 +13,11 @@ pub const DEFAULT_POOL_PATH: &str = "/var/lib/libvirt/images/deskgrid";
 pub const DEFAULT_PEER_PORT: u16 = 7443;
 /// The most seed addresses a config may list: seeds are only a first contact.
 pub const MAX_SEEDS: usize = 64;
+/// The HTTPS API's TCP port beside the default QUIC port: `api.listen =
+/// "auto"` takes the QUIC port plus this offset, so servers sharing an IP on
+/// different QUIC ports (`scripts/demo.sh`: 7443, 7444, 7445) get different
+/// API ports too (8443, 8444, 8445).
+pub const API_PORT_OFFSET: u16 = 1000;
 
 /// This server's settings, as `config.toml` holds them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -22,6 +27,73 @@ pub struct Config {
     pub server: ServerSettings,
     #[serde(default)]
     pub libvirt: LibvirtSettings,
+    #[serde(default)]
+    pub api: ApiSettings,
+}
+
+/// The HTTPS API (`POST /api/v1/login`, `/connect`, `/logout`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSettings {
+    /// `"auto"`, `"off"` or `"IP:PORT"`; see [`ApiSettings::listen_address`].
+    pub listen: String,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        Self {
+            listen: "auto".to_owned(),
+        }
+    }
+}
+
+/// Where the HTTPS API listens, as `api.listen` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiListen {
+    /// `"off"`: no API.
+    Off,
+    /// `"auto"`: derived from `server.listen`; a bind failure there is
+    /// logged and the server runs without the API (tests and demos start
+    /// many servers on one host, each with its own QUIC port).
+    Auto(SocketAddr),
+    /// An address the admin chose: not binding it stops the start.
+    Configured(SocketAddr),
+}
+
+impl ApiListen {
+    pub fn address(&self) -> Option<SocketAddr> {
+        match self {
+            Self::Off => None,
+            Self::Auto(address) | Self::Configured(address) => Some(*address),
+        }
+    }
+}
+
+impl ApiSettings {
+    /// `"off"`: none; `"auto"`: `server.listen`'s IP with its port plus
+    /// [`API_PORT_OFFSET`] (8443 beside the default 7443); else the
+    /// `IP:PORT` given (port 0: any free port, shown by `deskgrid status`).
+    pub fn listen_address(&self, server: &ServerSettings) -> Result<ApiListen, String> {
+        match self.listen.trim() {
+            "off" => Ok(ApiListen::Off),
+            "auto" | "" => {
+                let port = server
+                    .listen
+                    .port()
+                    .checked_add(API_PORT_OFFSET)
+                    .ok_or_else(|| {
+                        format!(
+                            "api.listen \"auto\" adds {API_PORT_OFFSET} to server.listen's port {}, which is over 65535: set api.listen to \"IP:PORT\" or \"off\"",
+                            server.listen.port()
+                        )
+                    })?;
+                Ok(ApiListen::Auto(SocketAddr::new(server.listen.ip(), port)))
+            }
+            text => text.parse::<SocketAddr>().map(ApiListen::Configured).map_err(|_| {
+                format!("api.listen {text:?} is not \"auto\", \"off\" or an IP:PORT address (like \"192.0.2.5:8443\")")
+            }),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -261,6 +333,7 @@ impl Config {
             }
         }
         parse_mdns_scope(&self.server.mdns).map_err(|problem| format!("server.mdns: {problem}"))?;
+        self.api.listen_address(&self.server)?;
         if !self.libvirt.uri.contains("://") {
             return Err(format!(
                 "libvirt.uri {:?} is not a libvirt URI (like qemu:///system)",
@@ -347,6 +420,16 @@ volume_io = "{volume_io}"
 # server's listen address when libvirt runs on this host, else every address
 # of the hypervisor host (set it when deskgrid runs in an appliance VM).
 {display_listen}
+
+[api]
+# Where the HTTPS API for users and portals listens (POST /api/v1/login,
+# /api/v1/connect, /api/v1/logout): "IP:PORT", "off", or "auto" for
+# server.listen's IP with its port plus {API_PORT_OFFSET} (8443 beside 7443); an
+# "auto" address that cannot be bound is logged and the server runs without
+# the API. Its certificate is DATA_DIR/api/tls-cert.pem (made self-signed on
+# first start; replace it and tls-key.pem with your own pair if you like).
+# Default: "auto".
+listen = {api_listen:?}
 "#,
             name = self.server.name,
             site = self.server.site.to_string(),
@@ -373,6 +456,7 @@ volume_io = "{volume_io}"
                 VolumeIo::Auto => "auto",
                 VolumeIo::Streams => "streams",
             },
+            api_listen = self.api.listen,
         )
     }
 }
@@ -419,6 +503,7 @@ mod tests {
         let mut config = Config {
             server: ServerSettings::default(),
             libvirt: LibvirtSettings::default(),
+            api: ApiSettings::default(),
         };
         config.server.seeds = vec!["10.0.0.5:7443".into(), "grid-a.example:7443".into()];
         config.server.site = SiteLabel::new("paris").unwrap();
@@ -438,6 +523,42 @@ mod tests {
         config.server.advertise = Some("192.0.2.7:7443".parse().unwrap());
         let parsed: Config = toml::from_str(&config.to_commented_toml()).unwrap();
         assert_eq!(parsed, config);
+    }
+
+    #[test]
+    fn the_api_listens_beside_the_server_unless_told_otherwise() {
+        let mut config = Config {
+            server: ServerSettings::default(),
+            libvirt: LibvirtSettings::default(),
+            api: ApiSettings::default(),
+        };
+        let listen = |config: &Config| config.api.listen_address(&config.server);
+        assert_eq!(
+            listen(&config),
+            Ok(ApiListen::Auto("0.0.0.0:8443".parse().unwrap()))
+        );
+        // The demo's servers share 127.0.0.1 on 7443, 7444, 7445.
+        for (quic, api) in [(7443, "127.0.0.1:8443"), (7444, "127.0.0.1:8444")] {
+            config.server.listen = SocketAddr::from(([127, 0, 0, 1], quic));
+            assert_eq!(listen(&config), Ok(ApiListen::Auto(api.parse().unwrap())));
+        }
+        config.api.listen = "off".to_owned();
+        assert_eq!(listen(&config), Ok(ApiListen::Off));
+        assert_eq!(ApiListen::Off.address(), None);
+        config.api.listen = "192.0.2.5:443".to_owned();
+        assert_eq!(
+            listen(&config),
+            Ok(ApiListen::Configured("192.0.2.5:443".parse().unwrap()))
+        );
+        let parsed: Config = toml::from_str(&config.to_commented_toml()).unwrap();
+        assert_eq!(parsed, config);
+        config.api.listen = "everywhere".to_owned();
+        let error = config.validate().unwrap_err();
+        assert!(error.contains("api.listen \"everywhere\""), "{error}");
+        config.api.listen = "auto".to_owned();
+        config.server.listen = SocketAddr::from(([127, 0, 0, 1], 65000));
+        let error = config.validate().unwrap_err();
+        assert!(error.contains("over 65535"), "{error}");
     }
 
     #[test]
@@ -462,6 +583,7 @@ mod tests {
         let mut config = Config {
             server: ServerSettings::default(),
             libvirt: LibvirtSettings::default(),
+            api: ApiSettings::default(),
         };
         config.server.advertise = Some("0.0.0.0:7443".parse().unwrap());
         let error = config.validate().unwrap_err();

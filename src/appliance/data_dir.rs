@@ -66,6 +66,11 @@ impl DataDir {
         self.root.join("tls")
     }
 
+    /// The HTTPS API's certificate and key (`tls-cert.pem`, `tls-key.pem`).
+    pub fn api_dir(&self) -> PathBuf {
+        self.root.join("api")
+    }
+
     pub fn transfer_dir(&self) -> PathBuf {
         self.root.join("transfer")
     }

@@ -98,6 +98,10 @@ pub async fn serve(data_dir: DataDir) -> anyhow::Result<()> {
         federation_endpoint.clone(),
         failure_hints.clone(),
     ));
+    // Before the control socket: once the CLI can reach the server, `deskgrid
+    // status` shows where the API listens, and a start that fails here
+    // leaves no socket behind.
+    let https_api = start_https_api(&appliance, Arc::clone(&desktops), shutdown.clone()).await?;
     let socket_path = appliance.data_dir.control_socket();
     let listener = control_socket::bind(&socket_path)?;
     let control = tokio::spawn(control_socket::serve(
@@ -165,6 +169,9 @@ pub async fn serve(data_dir: DataDir) -> anyhow::Result<()> {
     let _ = shutdown_sender.send(true);
     let stopping = async {
         let _ = control.await;
+        if let Some(https_api) = https_api {
+            let _ = https_api.await;
+        }
         let _ = host_worker.await;
         let _ = policy.await;
         if let Some(federation) = federation {
@@ -186,6 +193,70 @@ pub async fn serve(data_dir: DataDir) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The HTTPS API beside the control socket, as `api.listen` says: its
+/// certificate loaded (made on the first start), its address bound, and
+/// both in `deskgrid status`. An `"auto"` address that cannot be bound is
+/// logged and the server goes on without the API; a configured one stops
+/// the start.
+async fn start_https_api(
+    appliance: &Appliance,
+    desktops: Arc<crate::service::desktops::DesktopAccess>,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    use crate::api::http;
+    use crate::service::ApiStatus;
+    use anyhow::Context as _;
+    use config::ApiListen;
+
+    let config = &appliance.config;
+    let listen = config
+        .api
+        .listen_address(&config.server)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("in {}", appliance.data_dir.config_file().display()))?;
+    let Some(address) = listen.address() else {
+        tracing::info!("HTTPS API off (api.listen = \"off\")");
+        return Ok(None);
+    };
+    let mut ips = vec![address.ip(), config.server.listen.ip()];
+    ips.extend(config.server.advertise.map(|advertise| advertise.ip()));
+    let api_dir = appliance.data_dir.api_dir();
+    let certificate = tokio::task::spawn_blocking(move || {
+        http::tls::load_or_create(&api_dir, &http::tls::certificate_names(&ips))
+    })
+    .await
+    .context("the API certificate task stopped")?
+    .context("cannot set up the HTTPS API's certificate")?;
+    if certificate.created {
+        tracing::info!(path = %certificate.certificate_file.display(), "made a self-signed API certificate");
+    }
+    let tls_config = http::tls::server_config(&certificate)?;
+    let listener = match http::TlsListener::bind(address, tls_config).await {
+        Ok(listener) => listener,
+        Err(error) if matches!(listen, ApiListen::Auto(_)) => {
+            tracing::error!(%address, error = %error, "cannot listen for the HTTPS API on its automatic address; running without it (set api.listen in config.toml)");
+            lock_service(&appliance.service).set_api_status(ApiStatus::Failed {
+                address,
+                reason: error.to_string(),
+            });
+            return Ok(None);
+        }
+        Err(error) => {
+            return Err(error)
+                .with_context(|| format!("cannot listen for the HTTPS API on {address}"))
+        }
+    };
+    let address = axum::serve::Listener::local_addr(&listener)?;
+    tracing::info!(%address, certificate_sha256 = %certificate.fingerprint, "HTTPS API listening");
+    lock_service(&appliance.service).set_api_status(ApiStatus::Listening {
+        address,
+        certificate_sha256: certificate.fingerprint.clone(),
+    });
+    Ok(Some(tokio::spawn(http::serve(
+        listener, desktops, shutdown,
+    ))))
 }
 
 /// The test-only fault hook from [`TEST_CORRUPT_CHUNKS_ENV`], said loudly.

@@ -293,6 +293,11 @@ pub struct ServerSettingsArgs {
     /// kvm, qemu (software emulation) or auto (kvm when the host offers it).
     #[arg(long, value_enum, default_value_t = DomainType::Auto)]
     pub domain_type: DomainType,
+
+    /// Where the HTTPS API listens: IP:PORT, off, or auto (the --listen IP,
+    /// its port plus 1000: 8443 beside 7443).
+    #[arg(long, value_name = "ADDR", default_value = "auto")]
+    pub api_listen: String,
 }
 
 /// Runs the command line; what `main` of the `deskgrid` binary calls.

@@ -166,6 +166,18 @@ impl Output {
                         capacity.storage_total_bytes >> 30
                     );
                 }
+                match &status.api {
+                    crate::service::ApiStatus::Off => println!("api      off"),
+                    crate::service::ApiStatus::Listening {
+                        address,
+                        certificate_sha256,
+                    } => println!(
+                        "api      https://{address}/api/v1/ (certificate SHA-256 {certificate_sha256})"
+                    ),
+                    crate::service::ApiStatus::Failed { address, reason } => {
+                        println!("api      not listening on {address}: {reason}");
+                    }
+                }
                 print_summary(&status.state);
                 println!(
                     "{:<36}  {:<16} {:<10} {:<22} {:<8} {:>9} {:>7} last update",

@@ -11,7 +11,7 @@ use anyhow::{bail, Context as _};
 
 use super::output::Output;
 use super::{InitArgs, JoinArgs, ServerSettingsArgs};
-use crate::appliance::config::{Config, LibvirtSettings, ServerSettings};
+use crate::appliance::config::{ApiSettings, Config, LibvirtSettings, ServerSettings};
 use crate::appliance::data_dir::DataDir;
 use crate::service::accounts;
 use crate::service::setup::{create_server, join_grid, NewGrid};
@@ -40,6 +40,9 @@ fn config_from(settings: ServerSettingsArgs) -> anyhow::Result<Config> {
             network: settings.network,
             domain_type: settings.domain_type,
             ..LibvirtSettings::default()
+        },
+        api: ApiSettings {
+            listen: settings.api_listen,
         },
     };
     config

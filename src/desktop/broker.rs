@@ -578,37 +578,9 @@ impl ConnectionBroker {
         request: ConnectRequest,
         now_ms: u64,
     ) -> Result<Reservation, ConnectError> {
-        let user_key = format!("user:{}", request.user);
-        let source_key = format!("source:{}", request.source);
-        let keys = [user_key.as_str(), source_key.as_str()];
-        self.limiter()
-            .check(&keys, now_ms)
-            .map_err(|wait_ms| ConnectError::TooManyAttempts {
-                retry_in_s: wait_ms.div_ceil(1000),
-            })?;
-        let host = Arc::clone(&self.host);
-        let password = request.password.clone();
-        let user = request.user.clone();
-        // argon2 takes tens of ms of CPU, and a snapshot may wait for the
-        // state's lock: both off the async workers.
-        let checked = tokio::task::spawn_blocking(move || {
-            let snapshot = host.snapshot();
-            let phc = snapshot
-                .users
-                .get(&user)
-                .map(|entry| entry.password_hash.as_str())
-                .filter(|phc| !phc.is_empty());
-            let verified = host.verify_password(password.expose(), phc);
-            (snapshot, verified)
-        })
-        .await;
-        let Ok((snapshot, true)) = checked else {
-            self.limiter().record_failure(&keys, now_ms);
-            tracing::info!(user = %request.user, source = %request.source, "login refused: wrong user name or password");
-            return Err(ConnectError::BadCredentials);
-        };
-        self.limiter().forget(&user_key);
-
+        let snapshot = self
+            .check_password(&request.user, &request.password, &request.source, now_ms)
+            .await?;
         let template = choose_template(&snapshot, &request.user, request.template)?;
         self.reserve(
             &snapshot,
@@ -617,6 +589,86 @@ impl ConnectionBroker {
             request.client_site.as_ref(),
         )
         .await
+    }
+
+    /// Checks `user`'s password once, under the same rate limits as
+    /// [`ConnectionBroker::connect`], and reserves nothing: what a face
+    /// that keeps its own sessions (the HTTPS API's tokens) calls at login.
+    pub async fn authenticate(
+        &self,
+        user: &UserName,
+        password: &Password,
+        source: &str,
+        now_ms: u64,
+    ) -> Result<(), ConnectError> {
+        self.check_password(user, password, source, now_ms)
+            .await
+            .map(drop)
+    }
+
+    /// A desktop for `user`, authenticated earlier (a session the caller
+    /// keeps): the user must still exist, and entitlements are checked
+    /// now, so a deleted user's sessions stop working at once (the same
+    /// [`ConnectError::BadCredentials`] as a wrong password).
+    pub async fn connect_authenticated(
+        &self,
+        user: &UserName,
+        template: Option<TemplateName>,
+        client_site: Option<&SiteLabel>,
+    ) -> Result<Reservation, ConnectError> {
+        let host = Arc::clone(&self.host);
+        // The snapshot may wait for the state's lock: off the async workers.
+        let snapshot = tokio::task::spawn_blocking(move || host.snapshot())
+            .await
+            .map_err(|_| ConnectError::BadCredentials)?;
+        if !snapshot.users.contains_key(user) {
+            tracing::info!(%user, "session refused: the user no longer exists");
+            return Err(ConnectError::BadCredentials);
+        }
+        let template = choose_template(&snapshot, user, template)?;
+        self.reserve(&snapshot, user, template, client_site).await
+    }
+
+    /// The password check with its rate limits (per user and per source);
+    /// the snapshot it checked against on success.
+    async fn check_password(
+        &self,
+        user: &UserName,
+        password: &Password,
+        source: &str,
+        now_ms: u64,
+    ) -> Result<Arc<BrokerSnapshot>, ConnectError> {
+        let user_key = format!("user:{user}");
+        let source_key = format!("source:{source}");
+        let keys = [user_key.as_str(), source_key.as_str()];
+        self.limiter()
+            .check(&keys, now_ms)
+            .map_err(|wait_ms| ConnectError::TooManyAttempts {
+                retry_in_s: wait_ms.div_ceil(1000),
+            })?;
+        let host = Arc::clone(&self.host);
+        let password = password.clone();
+        let checked_user = user.clone();
+        // argon2 takes tens of ms of CPU, and a snapshot may wait for the
+        // state's lock: both off the async workers.
+        let checked = tokio::task::spawn_blocking(move || {
+            let snapshot = host.snapshot();
+            let phc = snapshot
+                .users
+                .get(&checked_user)
+                .map(|entry| entry.password_hash.as_str())
+                .filter(|phc| !phc.is_empty());
+            let verified = host.verify_password(password.expose(), phc);
+            (snapshot, verified)
+        })
+        .await;
+        let Ok((snapshot, true)) = checked else {
+            self.limiter().record_failure(&keys, now_ms);
+            tracing::info!(%user, %source, "login refused: wrong user name or password");
+            return Err(ConnectError::BadCredentials);
+        };
+        self.limiter().forget(&user_key);
+        Ok(snapshot)
     }
 
     async fn reserve(

@@ -151,6 +151,34 @@ impl DesktopAccess {
             .await
     }
 
+    /// Checks `user`'s password (with the login rate limits; `source` as
+    /// for [`DesktopAccess::connect`]) and reserves nothing: the HTTPS API
+    /// logs a user in once and then connects with its own session token.
+    pub async fn authenticate(
+        &self,
+        user: &UserName,
+        password: &Password,
+        source: &str,
+    ) -> Result<(), ConnectError> {
+        self.broker
+            .authenticate(user, password, source, super::now_ms())
+            .await
+    }
+
+    /// Reserves a desktop for `user`, authenticated earlier by
+    /// [`DesktopAccess::authenticate`]: the user must still exist and be
+    /// entitled (a deleted user gets [`ConnectError::BadCredentials`]).
+    pub async fn connect_authenticated(
+        &self,
+        user: &UserName,
+        template: Option<TemplateName>,
+        client_site: Option<SiteLabel>,
+    ) -> Result<Reservation, ConnectError> {
+        self.broker
+            .connect_authenticated(user, template, client_site.as_ref())
+            .await
+    }
+
     /// Asks the servers that host `user`'s sessions to end them.
     pub async fn log_off(&self, user: &UserName) -> Result<LogoffReport, LogoffError> {
         self.broker.log_off(user).await

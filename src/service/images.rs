@@ -1250,6 +1250,7 @@ mod tests {
                 ..ServerSettings::default()
             },
             libvirt: LibvirtSettings::default(),
+            api: crate::appliance::config::ApiSettings::default(),
         };
         service.publish_own_record(&config).unwrap();
         service

@@ -61,6 +61,28 @@ pub struct StatusReport {
     /// Every server the grid state knows, this one included.
     pub servers: Vec<ServerSummary>,
     pub state: StateSummary,
+    /// The HTTPS API of this server.
+    #[serde(default)]
+    pub api: ApiStatus,
+}
+
+/// The HTTPS API as this server runs it (`deskgrid status`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "state")]
+pub enum ApiStatus {
+    /// `api.listen = "off"` (or not started yet).
+    #[default]
+    Off,
+    Listening {
+        address: std::net::SocketAddr,
+        /// SHA-256 of the certificate (DER), hex pairs joined by `:`.
+        certificate_sha256: String,
+    },
+    /// The derived (`"auto"`) address could not be bound.
+    Failed {
+        address: std::net::SocketAddr,
+        reason: String,
+    },
 }
 
 /// One server as the grid state describes it.
@@ -132,6 +154,8 @@ pub struct GridService {
     state_generation: tokio::sync::watch::Sender<u64>,
     /// Poked when someone asks the policy loop to act now (`deskgrid plan`).
     policy_wake: std::sync::Arc<tokio::sync::Notify>,
+    /// What the HTTPS API reported at start, for `deskgrid status`.
+    api_status: ApiStatus,
 }
 
 impl GridService {
@@ -153,6 +177,7 @@ impl GridService {
             member_states: std::collections::BTreeMap::new(),
             policy_wake: std::sync::Arc::new(tokio::sync::Notify::new()),
             state_generation: tokio::sync::watch::channel(0).0,
+            api_status: ApiStatus::Off,
         };
         Ok((service, report))
     }
@@ -253,6 +278,11 @@ impl GridService {
         Ok(self.summary())
     }
 
+    /// Records how the HTTPS API runs, for `deskgrid status`.
+    pub fn set_api_status(&mut self, status: ApiStatus) {
+        self.api_status = status;
+    }
+
     pub fn status(&self) -> StatusReport {
         let own = self.state.server(self.server_id);
         StatusReport {
@@ -303,6 +333,7 @@ impl GridService {
                 })
                 .collect(),
             state: self.summary(),
+            api: self.api_status.clone(),
         }
     }
 

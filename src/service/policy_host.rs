@@ -848,6 +848,7 @@ mod tests {
         let config = Config {
             server: ServerSettings::default(),
             libvirt: LibvirtSettings::default(),
+            api: crate::appliance::config::ApiSettings::default(),
         };
         service.publish_own_record(&config).unwrap();
         let service = Arc::new(Mutex::new(service));
@@ -920,6 +921,7 @@ mod tests {
         let config = Config {
             server: ServerSettings::default(),
             libvirt: LibvirtSettings::default(),
+            api: crate::appliance::config::ApiSettings::default(),
         };
         service.publish_own_record(&config).unwrap();
         let image = ImageVersionId::new("base-2").unwrap();
@@ -988,6 +990,7 @@ mod tests {
         let config = Config {
             server: ServerSettings::default(),
             libvirt: LibvirtSettings::default(),
+            api: crate::appliance::config::ApiSettings::default(),
         };
         service.publish_own_record(&config).unwrap();
         assert!(changes.has_changed().unwrap(), "a local write");

@@ -534,6 +534,7 @@ mod tests {
                 ..crate::appliance::config::ServerSettings::default()
             },
             libvirt: crate::appliance::config::LibvirtSettings::default(),
+            api: crate::appliance::config::ApiSettings::default(),
         };
         grid.publish_own_record(&config).expect("record");
         let mut record = grid.state().server(grid.server_id()).cloned().expect("own");

@@ -560,3 +560,71 @@ fn a_password_never_reaches_a_log() {
     let request = login("alice", "alice-secret", None);
     assert!(!format!("{request:?}").contains("alice-secret"));
 }
+
+#[tokio::test]
+async fn authenticate_checks_once_and_an_authenticated_connect_rechecks_the_user() {
+    let grid = Grid::new(&[2], 0);
+    let (broker, _, calls) = grid.broker(&[Behaviour::Reserve]);
+    let password = |text: &str| Password::new(text.to_owned());
+    broker
+        .authenticate(&name("alice"), &password("alice-secret"), "portal", 10_000)
+        .await
+        .expect("the right password");
+    assert!(called(&calls).is_empty(), "authenticating reserves nothing");
+    for (user, secret) in [("alice", "wrong"), ("nobody", "alice-secret")] {
+        assert_eq!(
+            broker
+                .authenticate(&name(user), &password(secret), "portal", 10_000)
+                .await,
+            Err(ConnectError::BadCredentials),
+            "{user}"
+        );
+    }
+    let reservation = broker
+        .connect_authenticated(&name("alice"), None, None)
+        .await
+        .expect("a desktop without a second password check");
+    assert_eq!(reservation.template, template_name("office"));
+    // A user deleted since (or never there) gets the login refusal.
+    assert_eq!(
+        broker
+            .connect_authenticated(&name("nobody"), None, None)
+            .await,
+        Err(ConnectError::BadCredentials)
+    );
+    // Entitlements are read at connect time.
+    assert_eq!(
+        broker
+            .connect_authenticated(&name("dave"), None, None)
+            .await,
+        Err(ConnectError::NotEntitled { user: name("dave") })
+    );
+    assert!(matches!(
+        broker
+            .connect_authenticated(&name("carol"), None, None)
+            .await,
+        Err(ConnectError::ChooseTemplate { .. })
+    ));
+}
+
+#[tokio::test]
+async fn authenticating_shares_the_rate_limits_of_logins() {
+    let grid = Grid::new(&[1], 0);
+    let (broker, _, _) = grid.broker(&[Behaviour::Reserve]);
+    let wrong = Password::new("wrong".to_owned());
+    for _ in 0..LOGIN_FAILURES_ALLOWED {
+        assert_eq!(
+            broker
+                .authenticate(&name("alice"), &wrong, "10.0.0.9", 10_000)
+                .await,
+            Err(ConnectError::BadCredentials)
+        );
+    }
+    let right = Password::new("alice-secret".to_owned());
+    assert!(matches!(
+        broker
+            .authenticate(&name("alice"), &right, "10.0.0.9", 10_000)
+            .await,
+        Err(ConnectError::TooManyAttempts { retry_in_s: 60 })
+    ));
+}
