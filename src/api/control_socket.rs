@@ -62,6 +62,12 @@ pub enum ControlCommand {
     CreateTemplate {
         template: Template,
     },
+    /// The grid's policy.
+    ShowPolicy,
+    /// Changes the given policy settings.
+    UpdatePolicy {
+        change: crate::service::grid_policy::PolicyChange,
+    },
     /// Changes the given settings of an existing template.
     UpdateTemplate {
         name: TemplateName,
@@ -152,6 +158,8 @@ pub enum ControlReply {
     LoggedOff(LogoffReport),
     /// The desktop reserved, with its one-time display ticket.
     Connected(Box<Reservation>),
+    /// The grid's policy (after the change, for `UpdatePolicy`).
+    Policy(crate::model::Policy),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -414,6 +422,11 @@ fn execute(
                 Err(error) => ControlResponse::Error(crate::error_chain(&error)),
             }
         }
+        ControlCommand::ShowPolicy => ControlResponse::Ok(ControlReply::Policy(service.policy())),
+        ControlCommand::UpdatePolicy { change } => match service.update_policy(&change) {
+            Ok(policy) => ControlResponse::Ok(ControlReply::Policy(policy)),
+            Err(error) => ControlResponse::Error(crate::error_chain(&error)),
+        },
         ControlCommand::DeleteTemplate { name } => match service.delete_template(&name) {
             Ok(()) => ControlResponse::Ok(ControlReply::TemplateDeleted { name }),
             Err(error) => ControlResponse::Error(crate::error_chain(&error)),

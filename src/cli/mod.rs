@@ -7,6 +7,7 @@
 
 mod images;
 mod output;
+mod policy;
 mod setup;
 mod templates;
 mod users;
@@ -108,6 +109,11 @@ pub enum Command {
     /// Desktop templates of the grid (asks the running server).
     #[command(subcommand)]
     Template(templates::TemplateCommand),
+
+    /// The grid's policy: planner thresholds, the boot limit and the
+    /// disconnect grace (asks the running server).
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
 
     /// Base images of the grid: import one, list them.
     #[command(subcommand)]
@@ -381,6 +387,7 @@ fn run(cli: Cli, output: &Output) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Template(command) => templates::run(&data_dir, command, output),
+        Command::Policy(command) => policy::run(&data_dir, command, output),
         Command::Image(command) => images::run(&data_dir, command, output),
         Command::User(command) => users::run_user(&data_dir, command, output),
         Command::Entitle(args) => users::run_entitle(&data_dir, args, output),

@@ -425,6 +425,42 @@ impl Output {
     }
 
     /// Templates as a table (sorted by name, as the server sends them).
+    pub fn policy(&self, policy: &crate::model::Policy) {
+        match self.format {
+            OutputFormat::Text => {
+                let ratio = |permille: u32| format!("{}.{:03}:1", permille / 1000, permille % 1000);
+                let rows = [
+                    (
+                        "disconnect grace",
+                        format!("{} s", policy.disconnect_grace_s),
+                    ),
+                    (
+                        "max concurrent boots",
+                        policy.max_concurrent_boots.to_string(),
+                    ),
+                    ("cpu overcommit", ratio(policy.cpu_overcommit_permille)),
+                    (
+                        "memory overcommit",
+                        ratio(policy.memory_overcommit_permille),
+                    ),
+                    (
+                        "host reserved memory",
+                        format!("{} MiB", policy.host_reserved_memory_mib),
+                    ),
+                    ("replica hysteresis", policy.replica_hysteresis.to_string()),
+                    (
+                        "desired change threshold",
+                        policy.desired_change_threshold.to_string(),
+                    ),
+                ];
+                for (label, value) in rows {
+                    println!("{label:<26}{value}");
+                }
+            }
+            OutputFormat::Json => self.json(policy),
+        }
+    }
+
     pub fn templates(&self, templates: &[Template]) {
         match self.format {
             OutputFormat::Text => {

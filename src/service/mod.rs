@@ -8,6 +8,7 @@ pub mod accounts;
 pub mod desktop_host;
 pub mod desktops;
 pub mod grid;
+pub mod grid_policy;
 pub mod host_check;
 pub mod host_worker;
 pub mod images;
