@@ -116,11 +116,14 @@ echo "Three servers run under $demo_dir (logs: server-N.log). In another termina
 echo "  $deskgrid --data-dir $(dir 2) status"
 echo "  $deskgrid --data-dir $(dir 3) token create     # a change on one server reaches all"
 echo "  $deskgrid --data-dir $(dir 1) host check"
-echo "The same login over the HTTPS API (a session token, then a desktop as JSON):"
-echo "  TOKEN=\$(printf '{\"user\": \"demo\", \"password\": \"%s\"}' \"\$(cat $user_password)\" |"
-echo "    curl -sS --cacert $(dir 1)/api/tls-cert.pem -H 'Content-Type: application/json' --data-binary @- https://127.0.0.1:8443/api/v1/login |"
-echo "    sed -n 's/.*\"token\":\"\\([0-9a-f]*\\)\".*/\\1/p')"
-echo "  curl -sS --cacert $(dir 1)/api/tls-cert.pem -H \"Authorization: Bearer \$TOKEN\" -X POST https://127.0.0.1:8443/api/v1/connect"
+cert=$(dir 1)/api/tls-cert.pem
+cat <<EOF
+The same login over the HTTPS API (a session token, then a desktop as JSON):
+  TOKEN=\$(printf '{"user": "demo", "password": "%s"}' "\$(cat $user_password)" |
+    curl -sS --cacert $cert -H 'Content-Type: application/json' --data-binary @- https://127.0.0.1:8443/api/v1/login |
+    sed -n 's/.*"token":"\\([0-9a-f]*\\)".*/\\1/p')
+  curl -sS --cacert $cert -H "Authorization: Bearer \$TOKEN" -X POST https://127.0.0.1:8443/api/v1/connect
+EOF
 echo "Stop with Ctrl-C."
 
 if [ -n "${DESKGRID_DEMO_SECONDS:-}" ]; then
