@@ -23,7 +23,13 @@
 //!   a new user (least loaded). K is SIGKILLed (its VMs
 //!   keep running, out of reach) and a user connects on S at once: the
 //!   broker asks K, gets no answer within its deadline, falls back to S and
-//!   the user gets S's free desktop.
+//!   the user gets S's free desktop; the missed deadline reaches S's failure
+//!   detector as a hint.
+//! - on one server with one pooled desktop whose guest logs carol in by
+//!   itself (utmp, as login(1) writes it) and out again: the grid shows her
+//!   session, the logout makes the policy loop refresh the desktop (a new
+//!   QEMU process on a fresh disk), and it comes back ready; her next login
+//!   lands on the same VM.
 //!
 //! Slow (about 20-30 s to get four guests ready under emulation on a 2-core
 //! machine, then the first test waits out a reservation's 30 s lifetime); it runs in the suite because only real processes, QEMU and
@@ -953,4 +959,128 @@ fn when_the_first_choice_is_killed_the_broker_falls_back() {
     eprintln!("whole test: {:.1} s", grid.elapsed());
     assert!(grid.started.elapsed() < TEST_BOUND);
     drop(grid);
+}
+
+/// "Logout refreshes the VM and it comes back ready", with every real part:
+/// one server, one pooled desktop whose guest logs carol in by itself
+/// (`tests/guest/guest-init.sh` writes her utmp login 8 s after its agent
+/// port appears, and the logout 3 s later). The grid shows her session on
+/// the desktop; after the logout the server's policy loop throws the disk
+/// away and clones it afresh (a new QEMU process for the same VM), and the
+/// new boot's agent makes it ready again; carol's next login lands on the
+/// same VM.
+#[test]
+fn a_logout_refreshes_the_desktop_and_it_comes_back_ready() {
+    const LOGIN_AFTER_S: u32 = 8;
+    const SESSION_S: u32 = 3;
+    let _turn = MACHINE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let started = Instant::now();
+    let dir = tempfile::Builder::new()
+        .prefix("deskgrid-desktop-grid-refresh-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let root = dir.path().to_owned();
+    let member = Member::new(&root, &format!("{}-refresh", std::process::id()), "alpha");
+    let mut cleanup = GridCleanup {
+        inner: Cleanup {
+            servers: Vec::new(),
+            pools: vec![member.pool.clone()],
+            dir: Some(dir),
+        },
+        marker: root.display().to_string(),
+        logs: vec![member.log(1)],
+        dir_last: None,
+    };
+    let guest = desktop_guests::guest_image_with_logins(
+        &root,
+        &format!("- carol {LOGIN_AFTER_S} {SESSION_S}\n"),
+    );
+    let admin_password = root.join("admin-password");
+    std::fs::write(&admin_password, "correct horse battery staple\n").unwrap();
+    let mut init = strings(&[
+        "init",
+        "--new-grid",
+        "--admin-password-file",
+        &admin_password.display().to_string(),
+    ]);
+    init.extend(settings(&member, &format!("127.0.0.1:{}", free_udp_port())));
+    member.run(&init);
+    serve(&mut cleanup, &member, started);
+    member.run(&strings(&[
+        "image",
+        "import",
+        &guest.display().to_string(),
+        "--name",
+        IMAGE,
+    ]));
+    member.run(&strings(&[
+        "template",
+        "create",
+        TEMPLATE,
+        "--image",
+        IMAGE,
+        "--vcpus",
+        "1",
+        "--memory",
+        "192",
+        "--desired",
+        "1",
+    ]));
+    let elapsed = || started.elapsed().as_secs_f64();
+    let carol_on = || -> Option<Value> {
+        let output = deskgrid(&member.data_dir, &["--output", "json", "session", "list"]);
+        assert!(output.status.success(), "session list: {}", stderr(&output));
+        json(&output)
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|session| session["user"] == "carol" && session["state"] == "in-use")
+            .map(|session| session["vm"].clone())
+    };
+    let domain_id = |vm: &Value| -> Option<u32> {
+        let mut connection = Connect::open(Some(URI)).unwrap();
+        let id = virt::domain::Domain::lookup_by_name(&connection, &domain_name(vm))
+            .ok()
+            .and_then(|domain| domain.get_id());
+        let _ = connection.close();
+        id
+    };
+    let until = |what: &str, condition: &dyn Fn() -> bool| {
+        pool_grid::wait_until(what, TEST_BOUND.saturating_sub(started.elapsed()), || {
+            let done = condition();
+            if !done {
+                std::thread::sleep(POLL);
+            }
+            done
+        });
+        eprintln!("[{:6.1} s] {what}", elapsed());
+    };
+
+    until("the desktop is ready", &|| {
+        ready_total(&member.status()) == 1
+    });
+    until("carol is logged in at the guest", &|| carol_on().is_some());
+    let vm = carol_on().unwrap();
+    let first_boot = domain_id(&vm).expect("carol's desktop runs");
+    eprintln!("             on VM {vm} (QEMU domain id {first_boot})");
+
+    // Her logout: the session goes, the VM is refreshed (a new domain
+    // process on a fresh disk) and becomes ready again.
+    until("carol's session ended", &|| carol_on().is_none());
+    until("the refreshed desktop is ready again", &|| {
+        ready_total(&member.status()) == 1 && domain_id(&vm).is_some_and(|id| id != first_boot)
+    });
+    let log = std::fs::read_to_string(member.log(1)).unwrap();
+    let vm_id = vm.as_str().unwrap();
+    assert!(
+        log.lines()
+            .any(|line| line.contains("session over: the VM is refreshed") && line.contains(vm_id)),
+        "no refresh of {vm_id} in the server's log"
+    );
+    // The fresh guest logs her in again: the same VM, back in service.
+    until("carol is in again", &|| carol_on().is_some());
+    assert_eq!(carol_on().unwrap(), vm, "the same desktop, refreshed");
+    drop(cleanup);
 }

@@ -31,6 +31,11 @@
 // A test that unwraps fails with the value it met: exactly what a test should do.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+#[path = "support/desktop_guests.rs"]
+mod desktop_guests;
+#[path = "support/pool_grid.rs"]
+mod pool_grid;
 #[path = "support/vnc_viewer.rs"]
 mod vnc_viewer;
 
@@ -38,7 +43,6 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -57,7 +61,6 @@ use virt::domain::Domain;
 use virt::storage_pool::StoragePool;
 
 const URI: &str = "qemu:///system";
-const AGENT: &str = env!("CARGO_BIN_EXE_deskgrid-agent");
 /// The guest whose SMBIOS UUID starts with this logs alice in (the first 4
 /// bytes of its VM id; the rest is random, so runs do not collide).
 const LOGIN_PREFIX: [u8; 4] = [0xd5, 0x6e, 0x70, 0x01];
@@ -465,43 +468,16 @@ impl Waiter {
 /// The test guest with the real agent and the login hook, built by
 /// `tests/guest/build-guest.sh` or taken from its cache.
 fn guest_image(dir: &Path) -> PathBuf {
-    let logins = dir.join("test-logins");
-    let prefix: String = LOGIN_PREFIX
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect();
-    let bob_prefix: String = BOB_PREFIX
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect();
-    std::fs::write(
-        &logins,
-        format!(
-            "{prefix} alice {LOGIN_AFTER_S} {SESSION_S}\n\
-             {bob_prefix} bob {BOB_LOGIN_AFTER_S} {BOB_SESSION_S}\n"
+    let hex =
+        |prefix: [u8; 4]| -> String { prefix.iter().map(|byte| format!("{byte:02x}")).collect() };
+    desktop_guests::guest_image_with_logins(
+        dir,
+        &format!(
+            "{} alice {LOGIN_AFTER_S} {SESSION_S}\n{} bob {BOB_LOGIN_AFTER_S} {BOB_SESSION_S}\n",
+            hex(LOGIN_PREFIX),
+            hex(BOB_PREFIX)
         ),
     )
-    .unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/build-guest.sh");
-    let output = Command::new("bash")
-        .arg(&script)
-        .arg("--add")
-        .arg(format!("{AGENT}:/deskgrid/agent"))
-        .arg("--add")
-        .arg(format!("{}:/deskgrid/test-logins", logins.display()))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{} failed ({}):\n{}",
-        script.display(),
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let path = PathBuf::from(stdout.lines().last().unwrap_or_default());
-    assert!(path.is_file(), "build-guest.sh printed {stdout:?}");
-    path
 }
 
 fn serial_log(dir: &Path, vm: VmId) -> PathBuf {

@@ -8,7 +8,7 @@
 #
 # Test logins (optional): each line of /deskgrid/test-logins is
 #   UUID_PREFIX USER LOGIN_AFTER_S SESSION_S
-# and a guest whose SMBIOS UUID starts with UUID_PREFIX logs USER in
+# and a guest whose SMBIOS UUID starts with UUID_PREFIX (- for any) logs USER in
 # LOGIN_AFTER_S seconds after its agent port appeared and out SESSION_S
 # seconds later, by writing utmp records as login(1) and logout(3) do: a
 # USER_PROCESS record (line tty1, the pid of a process that lives for the
@@ -115,6 +115,8 @@ test_login() {
 if [ -r /deskgrid/test-logins ]; then
   uuid=$(tr 'A-F' 'a-f' </sys/class/dmi/id/product_uuid 2>/dev/null)
   while read -r prefix user after session; do
+    # A prefix of "-" stands for every guest.
+    [ "$prefix" = - ] && prefix=
     case $uuid in
       "$prefix"*) test_login "$user" "$after" "$session" & ;;
     esac

@@ -2,6 +2,8 @@
 //! `tests/desktop_partition.rs`): the test guest with the real agent, the
 //! sweep of a test's domains, and reading `deskgrid status` JSON.
 
+#![allow(dead_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -51,13 +53,29 @@ pub fn remove_domains_under(marker: &str) {
 /// The test guest with the real agent, built by `tests/guest/build-guest.sh`
 /// or taken from its cache.
 pub fn guest_image() -> PathBuf {
+    build_guest(&[format!("{AGENT}:/deskgrid/agent")])
+}
+
+/// The test guest with the agent and `/deskgrid/test-logins` (written to
+/// `dir`): lines `UUID_PREFIX USER LOGIN_AFTER_S SESSION_S`, the prefix
+/// `-` matching every guest (see `tests/guest/guest-init.sh`).
+pub fn guest_image_with_logins(dir: &Path, logins: &str) -> PathBuf {
+    let file = dir.join("test-logins");
+    std::fs::write(&file, logins).unwrap();
+    build_guest(&[
+        format!("{AGENT}:/deskgrid/agent"),
+        format!("{}:/deskgrid/test-logins", file.display()),
+    ])
+}
+
+fn build_guest(adds: &[String]) -> PathBuf {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/build-guest.sh");
-    let output = Command::new("bash")
-        .arg(&script)
-        .arg("--add")
-        .arg(format!("{AGENT}:/deskgrid/agent"))
-        .output()
-        .unwrap();
+    let mut command = Command::new("bash");
+    command.arg(&script);
+    for add in adds {
+        command.arg("--add").arg(add);
+    }
+    let output = command.output().unwrap();
     assert!(
         output.status.success(),
         "{} failed ({}):\n{}",
