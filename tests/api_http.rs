@@ -16,21 +16,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{deskgrid, init_new_grid, stderr, stdout, Server};
+use common::{deskgrid, init_new_grid, stderr, stdout, succeeded, Server};
 
 /// The API starts right after the control socket; generous for a loaded
 /// CI machine, never reached when healthy.
 const API_START_TIMEOUT: Duration = Duration::from_secs(20);
-
-fn succeeded(output: Output) -> Output {
-    assert!(
-        output.status.success(),
-        "failed: {}{}",
-        stdout(&output),
-        stderr(&output)
-    );
-    output
-}
 
 fn json(output: &Output) -> serde_json::Value {
     serde_json::from_slice(&output.stdout).unwrap()

@@ -13,7 +13,8 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use common::{
-    deskgrid, free_udp_port, init_new_grid, join_grid, join_token, stderr, stdout, Server,
+    deskgrid, free_udp_port, init_new_grid, join_grid, join_token, refused, stderr, stdout,
+    succeeded, Server,
 };
 
 /// A push reaches a peer in milliseconds; anti-entropy (every 2 s) repairs a
@@ -39,27 +40,6 @@ fn init_standalone(data_dir: &Path) {
         ],
     );
     assert!(output.status.success(), "init: {}", stderr(&output));
-}
-
-fn succeeded(output: Output) -> Output {
-    assert!(
-        output.status.success(),
-        "failed: {}{}",
-        stdout(&output),
-        stderr(&output)
-    );
-    output
-}
-
-/// The command failed, printed nothing on stdout, and said `expected`.
-fn refused(output: &Output, expected: &str) {
-    assert!(!output.status.success(), "accepted: {}", stdout(output));
-    assert!(stdout(output).is_empty(), "{}", stdout(output));
-    assert!(
-        stderr(output).contains(expected),
-        "expected {expected:?} in: {}",
-        stderr(output)
-    );
 }
 
 fn json(output: &Output) -> serde_json::Value {

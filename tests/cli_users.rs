@@ -15,32 +15,14 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{deskgrid, init_new_grid, join_grid, join_token, stderr, stdout, Server, DESKGRID};
+use common::{
+    deskgrid, init_new_grid, join_grid, join_token, refused, stderr, stdout, succeeded, Server,
+    DESKGRID,
+};
 
 /// A push reaches a peer in milliseconds; anti-entropy (every 2 s) repairs a
 /// lost one. Generous for a loaded CI machine, never reached when healthy.
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(15);
-
-fn succeeded(output: Output) -> Output {
-    assert!(
-        output.status.success(),
-        "failed: {}{}",
-        stdout(&output),
-        stderr(&output)
-    );
-    output
-}
-
-/// The command failed, printed nothing on stdout, and said `expected`.
-fn refused(output: &Output, expected: &str) {
-    assert!(!output.status.success(), "accepted: {}", stdout(output));
-    assert!(stdout(output).is_empty(), "{}", stdout(output));
-    assert!(
-        stderr(output).contains(expected),
-        "expected {expected:?} in: {}",
-        stderr(output)
-    );
-}
 
 fn json(output: &Output) -> serde_json::Value {
     serde_json::from_slice(&output.stdout).unwrap()

@@ -337,6 +337,43 @@ fn https_post(member: &Member, path: &str, body: &str, extra_headers: &[&str]) -
 /// Starts `member`'s server, logging to `member.log(1)`, and waits until it
 /// has its pool running (an import at the same moment would race it to
 /// define the pool).
+/// `deskgrid init --new-grid` for `member` on a free loopback port, with
+/// an admin password file in `root`; returns the address peers dial.
+fn init_grid(member: &Member, root: &std::path::Path) -> String {
+    let admin_password = root.join("admin-password");
+    std::fs::write(&admin_password, "correct horse battery staple\n").unwrap();
+    let address = format!("127.0.0.1:{}", free_udp_port());
+    let mut init = strings(&[
+        "init",
+        "--new-grid",
+        "--admin-password-file",
+        &admin_password.display().to_string(),
+    ]);
+    init.extend(settings(member, &address));
+    member.run(&init);
+    address
+}
+
+/// The pooled test template: 1 vCPU, 192 MiB, `desired` desktops, `replicas`
+/// copies of the image.
+fn create_template(member: &Member, desired: usize, replicas: u32) {
+    member.run(&strings(&[
+        "template",
+        "create",
+        TEMPLATE,
+        "--image",
+        IMAGE,
+        "--vcpus",
+        "1",
+        "--memory",
+        "192",
+        "--desired",
+        &desired.to_string(),
+        "--replicas",
+        &replicas.to_string(),
+    ]));
+}
+
 fn serve(cleanup: &mut GridCleanup, member: &Member, started: Instant) {
     cleanup
         .inner
@@ -395,17 +432,7 @@ fn ready_grid(label: &str) -> Grid {
     );
 
     let [alpha, beta] = &members;
-    let admin_password = root.join("admin-password");
-    std::fs::write(&admin_password, "correct horse battery staple\n").unwrap();
-    let alpha_address = format!("127.0.0.1:{}", free_udp_port());
-    let mut init = strings(&[
-        "init",
-        "--new-grid",
-        "--admin-password-file",
-        &admin_password.display().to_string(),
-    ]);
-    init.extend(settings(alpha, &alpha_address));
-    alpha.run(&init);
+    let alpha_address = init_grid(alpha, &root);
     serve(&mut cleanup, alpha, started);
 
     let mut join = strings(&["join", &alpha_address, "--token", &token(alpha)]);
@@ -445,21 +472,7 @@ fn ready_grid(label: &str) -> Grid {
     // servers host some (a VM created before beta's copy is complete can
     // only go to alpha). The template is the one the brief asks for:
     // pooled, 4 desktops, 2 replicas, 1 vCPU, 192 MiB.
-    alpha.run(&strings(&[
-        "template",
-        "create",
-        TEMPLATE,
-        "--image",
-        IMAGE,
-        "--vcpus",
-        "1",
-        "--memory",
-        "192",
-        "--desired",
-        "0",
-        "--replicas",
-        "2",
-    ]));
+    create_template(alpha, 0, 2);
     grid.wait_for("beta holds a complete copy of the image", alpha, |status| {
         count(server(status, "beta"), "images_complete") >= 1
     });
@@ -997,16 +1010,7 @@ fn a_logout_refreshes_the_desktop_and_it_comes_back_ready() {
         &root,
         &format!("- carol {LOGIN_AFTER_S} {SESSION_S}\n"),
     );
-    let admin_password = root.join("admin-password");
-    std::fs::write(&admin_password, "correct horse battery staple\n").unwrap();
-    let mut init = strings(&[
-        "init",
-        "--new-grid",
-        "--admin-password-file",
-        &admin_password.display().to_string(),
-    ]);
-    init.extend(settings(&member, &format!("127.0.0.1:{}", free_udp_port())));
-    member.run(&init);
+    init_grid(&member, &root);
     serve(&mut cleanup, &member, started);
     member.run(&strings(&[
         "image",
@@ -1015,19 +1019,7 @@ fn a_logout_refreshes_the_desktop_and_it_comes_back_ready() {
         "--name",
         IMAGE,
     ]));
-    member.run(&strings(&[
-        "template",
-        "create",
-        TEMPLATE,
-        "--image",
-        IMAGE,
-        "--vcpus",
-        "1",
-        "--memory",
-        "192",
-        "--desired",
-        "1",
-    ]));
+    create_template(&member, 1, 1);
     let elapsed = || started.elapsed().as_secs_f64();
     let carol_on = || -> Option<Value> {
         let output = deskgrid(&member.data_dir, &["--output", "json", "session", "list"]);

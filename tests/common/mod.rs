@@ -33,6 +33,28 @@ pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
+/// The command succeeded (else the test fails with what it printed).
+pub fn succeeded(output: Output) -> Output {
+    assert!(
+        output.status.success(),
+        "failed: {}{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    output
+}
+
+/// The command failed, printed nothing on stdout, and said `expected`.
+pub fn refused(output: &Output, expected: &str) {
+    assert!(!output.status.success(), "accepted: {}", stdout(output));
+    assert!(stdout(output).is_empty(), "{}", stdout(output));
+    assert!(
+        stderr(output).contains(expected),
+        "expected {expected:?} in: {}",
+        stderr(output)
+    );
+}
+
 /// A `deskgrid serve` child, stopped with SIGKILL if a test fails before it
 /// stops it properly.
 pub struct Server {
