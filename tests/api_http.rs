@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{deskgrid, init_new_grid, stderr, stdout, succeeded, Server};
+use common::{create_template, deskgrid, init_new_grid, stderr, stdout, succeeded, Server};
 
 /// The API starts right after the control socket; generous for a loaded
 /// CI machine, never reached when healthy.
@@ -173,25 +173,6 @@ fn parse_answer(text: &str) -> Answer {
         headers,
         body: body.to_owned(),
     }
-}
-
-fn create_template(data_dir: &Path, name: &str) {
-    succeeded(deskgrid(
-        data_dir,
-        &[
-            "template",
-            "create",
-            name,
-            "--image",
-            "win11-v1",
-            "--vcpus",
-            "2",
-            "--memory",
-            "2048",
-            "--desired",
-            "2",
-        ],
-    ));
 }
 
 fn add_user(data_dir: &Path, name: &str, password: &str) {

@@ -16,8 +16,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    deskgrid, init_new_grid, join_grid, join_token, refused, stderr, stdout, succeeded, Server,
-    DESKGRID,
+    create_template, deskgrid, init_new_grid, join_grid, join_token, refused, stderr, stdout,
+    succeeded, Server, DESKGRID,
 };
 
 /// A push reaches a peer in milliseconds; anti-entropy (every 2 s) repairs a
@@ -48,25 +48,6 @@ fn deskgrid_with_stdin(data_dir: &Path, arguments: &[&str], input: &str) -> Outp
         .write_all(input.as_bytes())
         .unwrap();
     child.wait_with_output().unwrap()
-}
-
-fn create_template(data_dir: &Path, name: &str) {
-    succeeded(deskgrid(
-        data_dir,
-        &[
-            "template",
-            "create",
-            name,
-            "--image",
-            "win11-v1",
-            "--vcpus",
-            "2",
-            "--memory",
-            "2048",
-            "--desired",
-            "2",
-        ],
-    ));
 }
 
 /// Waits until `deskgrid user list` on `data_dir` says `expected`.

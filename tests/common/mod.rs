@@ -44,6 +44,27 @@ pub fn succeeded(output: Output) -> Output {
     output
 }
 
+/// A template `name` on image `win11-v1` (which need not exist): 2 vCPUs,
+/// 2 GiB, 2 desktops.
+pub fn create_template(data_dir: &Path, name: &str) {
+    succeeded(deskgrid(
+        data_dir,
+        &[
+            "template",
+            "create",
+            name,
+            "--image",
+            "win11-v1",
+            "--vcpus",
+            "2",
+            "--memory",
+            "2048",
+            "--desired",
+            "2",
+        ],
+    ));
+}
+
 /// The command failed, printed nothing on stdout, and said `expected`.
 pub fn refused(output: &Output, expected: &str) {
     assert!(!output.status.success(), "accepted: {}", stdout(output));
