@@ -52,6 +52,9 @@ use crate::model::{HostCapacity, ImageVersionId, VmId};
 /// measured, a 1 GiB upload took 4.5 s with 1 MiB sends and 1.4 s with sends
 /// of this size, and libvirtd used 3.5 times less CPU.
 const STREAM_MESSAGE_PAYLOAD: usize = 262_120;
+/// Attempts to start an inactive pool, and the wait between them.
+const POOL_START_ATTEMPTS: u32 = 8;
+const POOL_START_RETRY: Duration = Duration::from_millis(250);
 /// Reconnection attempts before a call gives up, with doubling delays.
 const RECONNECT_ATTEMPTS: u32 = 4;
 const RECONNECT_FIRST_DELAY: Duration = Duration::from_millis(100);
@@ -101,6 +104,45 @@ enum VolumePath {
 }
 
 impl LibvirtHypervisor {
+    /// Starts an inactive pool. Several connections may ensure the same new
+    /// pool at once (a server's host worker and policy loop do at start):
+    /// one that finds the pool defined by another before that one built its
+    /// directory builds it too (idempotent for a `dir` pool), and one that
+    /// fails while another starts it waits for the other (up to ~2 s).
+    fn start_pool(&self, pool: &StoragePool) -> Result<(), ActuatorError> {
+        let mut last_error = None;
+        for attempt in 0..POOL_START_ATTEMPTS {
+            if attempt > 0 {
+                std::thread::sleep(POOL_START_RETRY);
+                if pool.is_active().map_err(libvirt_error("read pool state"))? {
+                    return Ok(());
+                }
+                // Its directory may not be there yet.
+                let _ = pool.build(0);
+            }
+            match pool.create(0) {
+                Ok(_) => {
+                    tracing::info!(pool = %self.options.pool, "storage pool started");
+                    return Ok(());
+                }
+                Err(error) => {
+                    // Started by another process meanwhile: fine.
+                    if pool.is_active().map_err(libvirt_error("read pool state"))? {
+                        return Ok(());
+                    }
+                    last_error = Some(error.message().to_owned());
+                }
+            }
+        }
+        Err(ActuatorError::Pool {
+            pool: self.options.pool.clone(),
+            problem: format!(
+                "cannot be started: {}",
+                last_error.unwrap_or_else(|| "no reason given".to_owned())
+            ),
+        })
+    }
+
     /// Connects and decides the domain type.
     pub fn connect(options: LibvirtOptions) -> Result<Self, ActuatorError> {
         // libvirt prints every error to stderr by default; deskgrid reports
@@ -519,17 +561,7 @@ impl Hypervisor for LibvirtHypervisor {
             }
         };
         if !pool.is_active().map_err(libvirt_error("read pool state"))? {
-            if let Err(error) = pool.create(0) {
-                // Started by another process meanwhile: fine.
-                if !pool.is_active().map_err(libvirt_error("read pool state"))? {
-                    return Err(ActuatorError::Pool {
-                        pool: self.options.pool.clone(),
-                        problem: format!("cannot be started: {}", error.message()),
-                    });
-                }
-            } else {
-                tracing::info!(pool = %self.options.pool, "storage pool started");
-            }
+            self.start_pool(&pool)?;
         }
         refresh_pool(&pool)?;
         let info = pool.get_info().map_err(libvirt_error("read pool info"))?;
