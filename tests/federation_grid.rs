@@ -111,7 +111,12 @@ fn join(root: &Path, name: &str, seed: &Member, token: &str) -> Result<Member, S
 
 fn status(member: &Member) -> serde_json::Value {
     let output = deskgrid(&member.data_dir, &["--output", "json", "status"]);
-    assert!(output.status.success(), "status: {}", stderr(&output));
+    assert!(
+        output.status.success(),
+        "status: {}{}",
+        stdout(&output),
+        stderr(&output)
+    );
     serde_json::from_slice(&output.stdout).unwrap()
 }
 
@@ -752,7 +757,9 @@ impl NamespacedServer {
             .unwrap();
         let server = Self(child);
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !data_dir.join("control.sock").exists() {
+        // Ready when the socket accepts a connection (a killed server's
+        // socket file may still be there).
+        while std::os::unix::net::UnixStream::connect(data_dir.join("control.sock")).is_err() {
             assert!(
                 Instant::now() < deadline,
                 "serve did not start in its namespace"

@@ -99,7 +99,9 @@ impl Server {
             socket: data_dir.join("control.sock"),
         };
         let deadline = Instant::now() + START_TIMEOUT;
-        while !server.socket.exists() {
+        // A socket file left by a killed server exists before the new one
+        // listens: ready is when it accepts a connection.
+        while std::os::unix::net::UnixStream::connect(&server.socket).is_err() {
             if let Some(status) = server.child_mut().try_wait().expect("can poll the server") {
                 panic!("deskgrid serve exited at start-up with {status}");
             }

@@ -87,7 +87,9 @@ impl Serving {
             child: Some(command.spawn().unwrap()),
         };
         let deadline = Instant::now() + START_TIMEOUT;
-        while !socket.exists() {
+        // A socket file left by a killed server exists before the new one
+        // listens: ready is when it accepts a connection.
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
             if let Some(status) = serving.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!(
                     "{} exited at start-up with {status}: {}",
