@@ -374,3 +374,28 @@ fn host_check_names_each_problem_and_its_fix() {
     assert!(text.contains("BLOCKING libvirt"), "{text}");
     assert!(text.contains("fix: start libvirtd"), "{text}");
 }
+
+/// A command whose output goes to a pipe nobody reads any more (`deskgrid
+/// status | head` once head has its lines) ends quietly by SIGPIPE, as Unix
+/// tools do, instead of panicking on the failed write.
+#[test]
+fn a_closed_output_pipe_ends_the_command_quietly() {
+    use std::os::unix::process::ExitStatusExt as _;
+    let (read_end, write_end) = nix::unistd::pipe().unwrap();
+    // Closed before the command starts: its first write finds no reader.
+    drop(read_end);
+    let output = Command::new(DESKGRID)
+        .args(["host", "check", "--libvirt", "test:///default"])
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::from(write_end))
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(!stderr(&output).contains("panicked"), "{}", stderr(&output));
+    assert_eq!(
+        output.status.signal(),
+        Some(nix::sys::signal::Signal::SIGPIPE as i32),
+        "{:?}",
+        output.status
+    );
+}

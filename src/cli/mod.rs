@@ -309,7 +309,11 @@ pub struct ServerSettingsArgs {
 /// Runs the command line; what `main` of the `deskgrid` binary calls.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(matches!(cli.command, Command::Serve));
+    let serving = matches!(cli.command, Command::Serve);
+    if !serving {
+        die_quietly_on_a_closed_pipe();
+    }
+    init_logging(serving);
     let output = Output::new(cli.output);
     match run(cli, &output) {
         Ok(code) => code,
@@ -317,6 +321,22 @@ pub fn main() -> ExitCode {
             output.error(&error);
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A CLI command whose output goes to a pipe that closed (`deskgrid status
+/// | head`) ends quietly, as Unix tools do, instead of panicking on the
+/// failed write: SIGPIPE gets its default action back (Rust ignores it so
+/// writes return an error). Never for `serve`: a daemon must see EPIPE on
+/// a peer's closed socket as an error, not die of it.
+fn die_quietly_on_a_closed_pipe() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    #[allow(unsafe_code)]
+    // SAFETY: called once at start, before any other thread exists;
+    // SIG_DFL installs no handler code.
+    let restored = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+    if let Err(error) = restored {
+        tracing::debug!(%error, "cannot restore the default SIGPIPE action");
     }
 }
 
