@@ -253,6 +253,15 @@ impl Rig {
         }
     }
 
+    /// `vm`'s agent says hello, `user` reserves it and logs in on tty1.
+    async fn logged_in(&self, vm: VmId, user: &str) {
+        self.hello(vm);
+        self.until_state(vm, VmState::Ready).await;
+        self.service.desk().reserve(request(user)).await.unwrap();
+        self.says(vm, &login(user, "tty1"));
+        self.until_state(vm, VmState::InUse).await;
+    }
+
     async fn until_state(&self, vm: VmId, state: VmState) {
         self.until(&format!("{vm} is {state:?}"), |rig| {
             rig.state(vm).0 == state
@@ -697,11 +706,7 @@ async fn unauthenticated_or_unknown_display_events_change_nothing() {
     let (rig, vms) = rig(1, 1, settings(generous()));
     rig.host.policy.lock().unwrap().disconnect_grace_s = 0;
     let vm = vms[0];
-    rig.hello(vm);
-    rig.until_state(vm, VmState::Ready).await;
-    rig.service.desk().reserve(request("bob")).await.unwrap();
-    rig.says(vm, &login("bob", "tty1"));
-    rig.until_state(vm, VmState::InUse).await;
+    rig.logged_in(vm, "bob").await;
     let stranger = VmId::from_bytes([0xee; 16]);
     rig.hypervisor
         .display_event(stranger, DisplayPhase::Authenticated, "10.0.0.1:1");
@@ -744,11 +749,7 @@ async fn a_failed_personal_desktop_is_restarted_on_its_own_disk() {
     };
     let (rig, vms) = rig_of(TemplateKind::Personal, 1, 1, settings(policy));
     let vm = vms[0];
-    rig.hello(vm);
-    rig.until_state(vm, VmState::Ready).await;
-    rig.service.desk().reserve(request("alice")).await.unwrap();
-    rig.says(vm, &login("alice", "tty1"));
-    rig.until_state(vm, VmState::InUse).await;
+    rig.logged_in(vm, "alice").await;
     // Alice's files on the VM's own disk.
     let overlay = deskgrid::actuator::VolumeName::Overlay(vm);
     rig.hypervisor
@@ -806,11 +807,7 @@ async fn an_admin_logoff_on_a_personal_desktop_goes_through_the_agent() {
     use deskgrid::desktop::protocol::FrameDecoder;
     let (rig, vms) = rig_of(TemplateKind::Personal, 1, 1, settings(generous()));
     let vm = vms[0];
-    rig.hello(vm);
-    rig.until_state(vm, VmState::Ready).await;
-    rig.service.desk().reserve(request("alice")).await.unwrap();
-    rig.says(vm, &login("alice", "tty1"));
-    rig.until_state(vm, VmState::InUse).await;
+    rig.logged_in(vm, "alice").await;
     // What the host said so far (HelloAck); the LogOff comes after.
     let _ = rig.hypervisor.guest_reads(vm).unwrap();
 

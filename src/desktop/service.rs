@@ -185,6 +185,16 @@ struct DeskVm {
 }
 
 impl DeskVm {
+    /// Queues a `LogOff` for the guest agent; `false` without a channel
+    /// (or with its queue full).
+    fn ask_agent_to_log_off(&self, user: &UserName) -> bool {
+        self.channel.as_ref().is_some_and(|channel| {
+            channel.send(super::protocol::Message::LogOff {
+                user: user.to_string(),
+            })
+        })
+    }
+
     fn wants_channel(&self) -> bool {
         !self.given_up
             && matches!(
@@ -761,11 +771,7 @@ impl Shared {
                 Effect::LogOff { user } => {
                     // Best effort: a pooled guest is refreshed right after,
                     // which ends the session whatever the agent manages.
-                    let asked = desk.channel.as_ref().is_some_and(|channel| {
-                        channel.send(super::protocol::Message::LogOff {
-                            user: user.to_string(),
-                        })
-                    });
+                    let asked = desk.ask_agent_to_log_off(&user);
                     tracing::info!(%vm, %user, agent_asked = asked, "logging the user off");
                 }
                 Effect::ReleaseReservation { user } => {
@@ -917,12 +923,7 @@ impl Shared {
                 let asked = desks
                     .vms
                     .get(&vm)
-                    .and_then(|desk| desk.channel.as_ref())
-                    .is_some_and(|channel| {
-                        channel.send(super::protocol::Message::LogOff {
-                            user: user.to_string(),
-                        })
-                    });
+                    .is_some_and(|desk| desk.ask_agent_to_log_off(&user));
                 if asked {
                     tracing::info!(%vm, %user, "the guest agent is asked to log the user off");
                     ended += 1;
